@@ -1,0 +1,46 @@
+"""Shared test fixtures: the ../shared folder (CI has it, a user's clone does not) and the GPU marker."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SHARED = Path(os.environ.get("ALIGNKD_SHARED", ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"needs {path} (the project's shared fixtures; present in CI, absent in a user's clone)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return _need(FIXTURES)
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir() -> Path:
+    return _need(FIXTURES / "llama_tokenizer")
+
+
+@pytest.fixture(scope="session")
+def llava_eval_dir() -> Path:
+    return _need(FIXTURES / "llava_eval")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,62 @@
+"""Frozen CLIP vision tower: hidden_states[select_layer] without the CLS token, under no_grad."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+OFFICIAL_CLIP_336 = "openai/clip-vit-large-patch14-336"
+
+
+def clip_vit_l14_336_config() -> CLIPVisionConfig:
+    """The config of openai/clip-vit-large-patch14-336's vision model (its weights live in MobileVLM checkpoints)."""
+    return CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+    )
+
+
+def resolve_vision_config(mm_vision_tower: str | None, override_dir: str | Path | None = None,
+                          inline: dict | None = None) -> CLIPVisionConfig:
+    """Find the CLIP config without the network: --vision-tower DIR, an inline dict, a local folder, or the known id."""
+    for candidate in (override_dir, mm_vision_tower):
+        if candidate is not None and Path(candidate).is_dir():
+            cfg_file = Path(candidate) / "config.json"
+            if not cfg_file.exists():
+                raise FileNotFoundError(f"vision tower folder {candidate} has no config.json (a CLIP ViT folder is expected)")
+            raw = json.loads(cfg_file.read_text())
+            raw = raw.get("vision_config", raw)  # a full CLIPModel config nests the vision part
+            raw.pop("model_type", None)
+            return CLIPVisionConfig(**{k: v for k, v in raw.items() if not k.startswith("_")})
+        if candidate is not None and candidate is override_dir:
+            raise FileNotFoundError(f"--vision-tower {candidate} is not a folder")
+    if inline is not None:
+        return CLIPVisionConfig(**inline)
+    if mm_vision_tower is not None and mm_vision_tower.rstrip("/").endswith(OFFICIAL_CLIP_336.split("/")[1]):
+        return clip_vit_l14_336_config()
+    raise FileNotFoundError(
+        f"mm_vision_tower {mm_vision_tower!r} is neither a local CLIP folder nor {OFFICIAL_CLIP_336!r}; "
+        "pass --vision-tower DIR with the CLIP config.json")
+
+
+class CLIPVisionTower(nn.Module):
+    """Wrapper whose attribute `.vision_tower` is the HF CLIPVisionModel, as in the original module tree."""
+
+    def __init__(self, config: CLIPVisionConfig, select_layer: int = -2):
+        super().__init__()
+        self.vision_tower = CLIPVisionModel(config)
+        self.vision_tower.requires_grad_(False)
+        self.select_layer = select_layer
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vision_tower.config.hidden_size
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vision_tower.parameters()).dtype
+        out = self.vision_tower(images.to(dtype), output_hidden_states=True)
+        return out.hidden_states[self.select_layer][:, 1:].to(images.dtype)

@@ -51,6 +51,9 @@ class CLIPVisionTower(nn.Module):
         self.vision_tower.requires_grad_(False)
         self.select_layer = select_layer
 
+    def train(self, mode: bool = True) -> "CLIPVisionTower":
+        return super().train(False)  # frozen: always eval, never activation-checkpointed
+
     @property
     def hidden_size(self) -> int:
         return self.vision_tower.config.hidden_size

@@ -1,0 +1,353 @@
+"""Align-KD training: distill MobileVLM V2-7B (teacher) into MobileVLM V2-1.7B (student) on one GPU.
+
+    python train_alignkd.py                      # the embedded demo: synthetic data, tiny models, about a minute
+    python train_alignkd.py --subset sharegpt4v --student DIR --teacher DIR --data-root DIR
+
+One readable loop: batch -> shared CLIP features -> student (grad) and teacher (no grad) forwards -> Align-KD losses
+(CE + logit KD + layer-0 text->vision attention + projector KD on all and on text-focused tokens) -> step.
+Checkpoints are written atomically in the official MobileVLM layout, with the adapters and the optimizer state,
+and `--resume` continues from the latest one with the same data order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import LLaVADataset, Collator, load_tokenizer, make_demo_tokenizer, make_synthetic_dataset, resolve_subset
+from data.tokenizer import tokenizer_fingerprint
+from kernels.alignkd_loss import AlignKDLoss, KDBatch, KDSide
+from model import MobileVLM
+
+log = logging.getLogger("alignkd")
+TERMS = ("loss", "ce", "logit", "attn", "proj_all", "proj_focus")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--subset", default="demo", help="sharegpt4v (stage 1, plain), mix2m (stage 2, v1) or demo")
+    p.add_argument("--data-root", help="MobileVLM data layout root (pretrain_data/, finetune_data/)")
+    p.add_argument("--data", help="a LLaVA-format JSON instead of the subset's")
+    p.add_argument("--image-folder", help="image folder for --data")
+    p.add_argument("--student", help="MobileVLM checkpoint folder, or a LLaMA folder (with --vision-tower)")
+    p.add_argument("--teacher", help="MobileVLM checkpoint folder (MobileVLM_V2-7B)")
+    p.add_argument("--vision-tower", help="local CLIP folder (config, and weights for a LLaMA-folder student)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the student's folder)")
+    p.add_argument("--output-dir", default="runs/alignkd")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=1, help="micro-batch size")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--projector-lr", type=float, default=None, help="projector (and adapter) lr; default --lr")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-len", type=int, default=2048, help="longest sequence, image counted as 144 tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--w-logit", type=float, default=1.0)
+    p.add_argument("--w-attn", type=float, default=1.0)
+    p.add_argument("--w-proj-all", type=float, default=1.0)
+    p.add_argument("--w-proj-focus", type=float, default=1.0)
+    p.add_argument("--topk", type=int, default=16, help="text-focus vision tokens per sample")
+    p.add_argument("--kl", choices=("forward", "reverse"), default="forward")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--no-distill", action="store_true", help="plain fine-tuning baseline: CE only, no teacher")
+    p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto", help="Align-KD loss kernels")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's latest checkpoint")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-checkpointing", action="store_true", help="disable the student's activation checkpointing")
+    p.add_argument("--demo-steps", type=int, default=40, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.projector_lr is None:
+        args.projector_lr = args.lr
+    return args
+
+
+# ---- the demo: everything it needs is made here ------------------------------------------------------------------------
+
+def prepare_demo(args: argparse.Namespace) -> None:
+    """Synthetic shapes data, a tokenizer trained on it, and tiny random teacher/student checkpoints."""
+    root = Path(args.output_dir) / "demo_assets"
+    tok_dir = root / "tokenizer"
+    if not (tok_dir / "tokenizer.model").exists():
+        make_demo_tokenizer(tok_dir)
+    vocab = load_tokenizer(tok_dir).vocab_size
+    if not (root / "synthetic_mixed.json").exists():
+        make_synthetic_dataset(root, n=96, seed=0, kind="mixed")
+    for name, kw in (("teacher", dict(hidden_size=96, num_heads=6, num_layers=3, seed=1)),
+                     ("student", dict(hidden_size=64, num_heads=4, num_layers=2, seed=2))):
+        folder = root / name
+        if not (folder / "config.json").exists():
+            seed = kw.pop("seed")
+            MobileVLM.tiny(seed=seed, vocab_size=vocab, **kw).save_pretrained(folder, tokenizer_dir=tok_dir)
+    args.data_root, args.student, args.teacher = str(root), str(root / "student"), str(root / "teacher")
+    if args.max_steps is None:
+        args.max_steps = args.demo_steps
+    if args.lr == 2e-5:  # tiny random models need a larger step to show learning in a minute
+        args.lr = args.projector_lr = 3e-3
+    args.batch_size = max(args.batch_size, 4)
+    args.max_len = min(args.max_len, 512)
+    args.save_every = min(args.save_every, args.max_steps)
+
+
+# ---- models -----------------------------------------------------------------------------------------------------------
+
+def load_model(path: str, args: argparse.Namespace, dtype: torch.dtype, what: str) -> MobileVLM:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SystemExit(f"error: {what} folder {folder} does not exist")
+    cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    if cfg.get("model_type") not in (None, "mobilevlm") or (cfg and "mm_projector_type" not in cfg):
+        if not args.vision_tower:
+            raise SystemExit(f"error: {what} {folder} is a plain language model: pass --vision-tower CLIP_DIR")
+        return MobileVLM.from_llm(folder, args.vision_tower, dtype=dtype, device=args.device)
+    return MobileVLM.from_pretrained(folder, vision_tower=args.vision_tower, dtype=dtype, device=args.device)
+
+
+def vision_fingerprint(model: MobileVLM) -> tuple:
+    """Cheap exact identity of the frozen CLIP weights (shapes + sums + a strided sample of every tensor)."""
+    out = []
+    for k, v in model.vision_tower.state_dict().items():
+        flat = v.detach().float().flatten()
+        out.append((k, tuple(v.shape), float(flat.sum()), float(flat[:: max(1, flat.numel() // 64)].sum())))
+    return tuple(out)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(out: Path, step: int, student: MobileVLM, loss_fn: AlignKDLoss, opt, sched, state: dict,
+                    tokenizer_dir: Path, keep: int) -> Path:
+    """Write checkpoint-STEP atomically: build it in a temp folder, rename, then repoint `latest`."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp, tokenizer_dir=tokenizer_dir)
+    torch.save(loss_fn.state_dict(), tmp / "alignkd_adapters.pt")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
+               tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = out / "latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, out / "latest")
+    done = sorted((p for p in out.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / "latest"
+    if not pointer.exists():
+        return None
+    ckpt = out / pointer.read_text().strip()
+    return ckpt if (ckpt / "trainer_state.pt").exists() else None
+
+
+# ---- data order -------------------------------------------------------------------------------------------------------
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, started at an offset: a resumed run sees exactly the remaining samples."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, start: int = 0):
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:  # linear warmup, then cosine to 0 (HF's cosine schedule, as MobileVLM trains)
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+# ---- main -------------------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    demo = args.subset == "demo"
+    if demo:
+        prepare_demo(args)
+    elif not args.student or (not args.teacher and not args.no_distill):
+        raise SystemExit("error: --student and --teacher are required (or --no-distill without --teacher); "
+                         "run with no arguments for the demo")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+
+    # data
+    tok_dir = Path(args.tokenizer or args.student)
+    tokenizer = load_tokenizer(tok_dir)
+    json_path, image_folder, template, image_mode = resolve_subset(args.subset, args.data_root, args.data,
+                                                                   args.image_folder)
+    dataset = LLaVADataset(json_path, image_folder, tokenizer, template, image_mode, args.max_len,
+                           cache_dir=out / "index_cache")
+    log.info(f"data: {json_path} ({len(dataset)} records, template {template}, images {image_mode})")
+
+    # models
+    student = load_model(args.student, args, dtype, "student")
+    teacher = None
+    if not args.no_distill:
+        teacher = load_model(args.teacher, args, dtype, "teacher").eval().requires_grad_(False)
+        t_tok = Path(args.teacher)
+        if (t_tok / "tokenizer.model").exists() or (t_tok / "tokenizer.json").exists():
+            if tokenizer_fingerprint(load_tokenizer(t_tok)) != tokenizer_fingerprint(tokenizer):
+                raise SystemExit("error: teacher and student tokenizers differ; logit KD needs one vocabulary")
+        if student.vision_tower.vision_tower.config.to_dict() == teacher.vision_tower.vision_tower.config.to_dict() \
+                and vision_fingerprint(student) == vision_fingerprint(teacher):
+            log.info("vision towers are identical: one CLIP forward feeds both models")
+            teacher.model.vision_tower = student.model.vision_tower
+            shared_vision = True
+        else:
+            log.info("vision towers differ: each model runs its own CLIP")
+            shared_vision = False
+        teacher.enable_qk_capture()
+    student.enable_qk_capture()
+    if not args.no_checkpointing:
+        student.enable_activation_checkpointing()
+    student.train()
+    loss_fn = AlignKDLoss(
+        teacher_heads=teacher.num_heads if teacher else student.num_heads, student_heads=student.num_heads,
+        teacher_dim=teacher.hidden_size if teacher else student.hidden_size, student_dim=student.hidden_size,
+        w_logit=args.w_logit, w_attn=args.w_attn, w_proj_all=args.w_proj_all, w_proj_focus=args.w_proj_focus,
+        topk=args.topk, kl=args.kl, temperature=args.temperature, backend=args.backend).to(device)
+
+    # optimizer: LLM at --lr, projector and adapters at --projector-lr (the vision tower is frozen)
+    proj_params = list(student.mm_projector.parameters())
+    proj_ids = {id(p) for p in proj_params}
+    llm_params = [p for p in student.parameters() if p.requires_grad and id(p) not in proj_ids]
+    groups = [{"params": llm_params, "lr": args.lr},
+              {"params": proj_params, "lr": args.projector_lr}]
+    if teacher is not None:
+        groups.append({"params": list(loss_fn.parameters()), "lr": args.projector_lr})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    micro_per_epoch = max(1, len(dataset) // args.batch_size)
+    total = args.max_steps or max(1, int(args.epochs * micro_per_epoch / args.grad_accum))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.warmup_ratio * total)))
+
+    # resume
+    step, epoch, offset, skipped = 0, 0, 0, Counter()
+    if args.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise SystemExit(f"error: --resume but {out} has no complete checkpoint")
+        resumed = MobileVLM.from_pretrained(ckpt, vision_tower=args.vision_tower, dtype=dtype, device=args.device)
+        student.load_state_dict(resumed.state_dict())
+        del resumed
+        loss_fn.load_state_dict(torch.load(ckpt / "alignkd_adapters.pt", map_location=device))
+        st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step, epoch, offset, skipped = st["step"], st["epoch"], st["offset"], Counter(st["skipped"])
+        torch.set_rng_state(st["rng"]["torch"]), np.random.set_state(st["rng"]["numpy"])
+        random.setstate(st["rng"]["python"])
+        log.info(f"resumed from {ckpt} at step {step} (epoch {epoch}, sample {offset})")
+
+    def batches():
+        nonlocal epoch, offset
+        while True:
+            sampler = EpochSampler(len(dataset), args.seed, epoch, offset)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                                 collate_fn=Collator(tokenizer.pad_token_id),
+                                                 num_workers=args.num_workers, persistent_workers=False)
+            for batch in loader:
+                offset += args.batch_size
+                yield batch
+            epoch, offset = epoch + 1, 0
+
+    stream = batches()
+    log_file = open(out / "log.jsonl", "a")
+    pbar = tqdm(total=total, initial=step, desc="align-kd" if teacher else "fine-tune", dynamic_ncols=True)
+    history, t0, tokens = [], time.time(), 0
+    while step < total:
+        sums = Counter()
+        for _ in range(args.grad_accum):
+            batch = next(stream)
+            skipped.update(batch["skipped"])
+            while "input_ids" not in batch:  # every sample of this batch was skipped
+                batch = next(stream)
+                skipped.update(batch["skipped"])
+            ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            labels = batch["labels"].to(device)
+            images = batch["images"].to(device, dtype)
+            has_image = batch["has_image"].to(device)
+            feats = student.encode_images(images[has_image]) if bool(has_image.any()) else None
+            s = student(ids, mask, labels=labels, image_features=feats, compute_logits=False)
+            kd_batch = KDBatch(labels=s.mm.labels, attention_mask=s.mm.attention_mask, vision_mask=s.mm.vision_mask,
+                               text_mask=s.mm.text_mask, has_image=s.mm.has_image, vision_start=s.mm.vision_start)
+            s_side = KDSide(s.hidden_states, student.lm_head.weight, s.q0, s.k0, s.mm.vision_tokens)
+            t_side = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_feats = feats if shared_vision or feats is None else teacher.encode_images(images[has_image])
+                    t = teacher(ids, mask, image_features=t_feats, compute_logits=False)
+                t_side = KDSide(t.hidden_states, teacher.lm_head.weight, t.q0, t.k0, t.mm.vision_tokens)
+            terms = loss_fn(s_side, t_side, kd_batch, distill=teacher is not None)
+            (terms["loss"] / args.grad_accum).backward()
+            for k in TERMS:
+                sums[k] += float(terms[k]) / args.grad_accum
+            tokens += int(mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bad = [k for k in TERMS if not math.isfinite(sums[k])]
+        if bad:
+            raise SystemExit(f"error: non-finite loss terms {bad} at step {step}; last checkpoint is kept")
+        record = {"step": step, **{k: round(sums[k], 6) for k in TERMS}, "lr": sched.get_last_lr()[0],
+                  "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.time() - t0),
+                  "skipped": dict(skipped), "epoch": epoch}
+        history.append(record)
+        if step % args.log_every == 0 or step == total:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            pbar.set_postfix({k: f"{sums[k]:.3f}" for k in TERMS} | ({"skip": sum(skipped.values())} if skipped else {}))
+        pbar.update(1)
+        if step % args.save_every == 0 or step == total:
+            state = {"step": step, "epoch": epoch, "offset": offset, "skipped": dict(skipped), "args": vars(args)}
+            save_checkpoint(out, step, student, loss_fn, opt, sched, state, tok_dir, args.keep)
+    pbar.close()
+    log_file.close()
+    if skipped:
+        log.info("skipped samples: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+    if history:
+        first, last = history[0], history[-1]
+        log.info("loss terms, first -> last step: " +
+                 ", ".join(f"{k} {first[k]:.4f} -> {last[k]:.4f}" for k in TERMS))
+    log.info(f"checkpoint: {latest_checkpoint(out)}")
+    return {"history": history, "skipped": dict(skipped), "checkpoint": str(latest_checkpoint(out))}
+
+
+if __name__ == "__main__":
+    main()

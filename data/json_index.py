@@ -1,0 +1,144 @@
+"""Random access to the records of a huge JSON list without holding it in memory.
+
+Mix2M is a 2.4M-record JSON list; `json.load` would make it many GB of Python objects in every DataLoader worker.
+The file is scanned once, record by record, and the byte span of each record is saved as an int64 array in a cache
+file keyed by the JSON's path, size and mtime; later opens memory-map that array (16 bytes per record, shared by
+all workers through the page cache) and read one record with a seek.
+"""
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 16 << 20  # bytes read at a time while indexing
+_MAX_RECORD = 256 << 20  # a "record" longer than this means the JSON is malformed
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alignkd" / "json_index"
+
+
+class _Scanner:
+    """Walks a JSON list in blocks, yielding the byte span of each top-level element."""
+
+    def __init__(self, f, path: Path):
+        self.f, self.path = f, path
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text, self.pos, self.byte_pos, self.eof = "", 0, 0, False
+        self.raw_decode = json.JSONDecoder().raw_decode
+
+    def _fill(self) -> bool:
+        """Append a block to the buffer (dropping what was consumed); False at end of file."""
+        if self.eof:
+            return False
+        block = self.f.read(_BLOCK)
+        self.eof = not block
+        self.text = self.text[self.pos:] + self.decoder.decode(block, final=self.eof)
+        self.pos = 0
+        return bool(block)
+
+    def _advance(self, new_pos: int) -> None:
+        skipped = self.text[self.pos:new_pos]
+        self.byte_pos += len(skipped) if skipped.isascii() else len(skipped.encode("utf-8"))
+        self.pos = new_pos
+
+    def _peek(self) -> str:
+        """Next non-whitespace character ("" at end of file), consuming the whitespace."""
+        while True:
+            self._advance(_WS.match(self.text, self.pos).end())
+            if self.pos < len(self.text) or not self._fill():
+                return self.text[self.pos:self.pos + 1]
+
+    def _error(self, what: str) -> ValueError:
+        return ValueError(f"{self.path} is not a JSON list of LLaVA records: {what} at byte {self.byte_pos}")
+
+    def _value_end(self) -> int:
+        """End of the JSON value at the cursor, reading more blocks while the buffer cuts it off."""
+        while True:
+            try:
+                end = self.raw_decode(self.text, self.pos)[1]
+                # a value ending exactly at the buffer's end may go on in the next block (a number)
+                if end < len(self.text) or self.eof:
+                    return end
+                self._fill()
+            except json.JSONDecodeError as e:
+                if len(self.text) - self.pos > _MAX_RECORD or not self._fill():
+                    raise self._error(e.msg) from None
+
+    def spans(self):
+        if self._peek() != "[":
+            raise self._error("expected '['")
+        self._advance(self.pos + 1)
+        if self._peek() == "]":
+            return
+        while True:
+            start = self.byte_pos
+            self._advance(self._value_end())
+            yield start, self.byte_pos
+            c = self._peek()
+            if c == "]":
+                return
+            if c != ",":
+                raise self._error(f"expected ',' or ']', found {c!r}")
+            self._advance(self.pos + 1)
+            self._peek()
+
+
+def build_offsets(path: Path) -> np.ndarray:
+    """[N, 2] int64 byte spans (start, end) of the records of the JSON list at `path`."""
+    with open(path, "rb") as f:
+        spans = np.fromiter((x for span in _Scanner(f, path).spans() for x in span), dtype=np.int64)
+    return spans.reshape(-1, 2)
+
+
+class JsonListIndex:
+    """`index[i]` is the i-th record of a JSON list file, parsed on demand."""
+
+    def __init__(self, path: str | Path, cache_dir: str | Path | None = None):
+        self.path = Path(path).resolve()
+        st = self.path.stat()
+        key = hashlib.sha256(f"{self.path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_file = cache_dir / f"{self.path.stem}-{key}.npy"
+        if not self.cache_file.is_file():
+            log.info("indexing %s (once; cached in %s)", self.path, self.cache_file)
+            offsets = build_offsets(self.path)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            # write then rename, so concurrent ranks never read a half-written index
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, offsets)
+            os.replace(tmp, self.cache_file)
+        self._offsets: np.ndarray | None = None
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:  # opened lazily, so a pickled index (DataLoader workers) maps it anew
+            self._offsets = np.load(self.cache_file, mmap_mode="r")
+        return self._offsets
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_offsets": None}
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def read(self, i: int) -> bytes:
+        start, end = (int(x) for x in self.offsets[i])
+        with open(self.path, "rb") as f:  # a handle per read: safe across fork, cheap next to image decoding
+            f.seek(start)
+            return f.read(end - start)
+
+    def __getitem__(self, i: int):
+        return json.loads(self.read(i))

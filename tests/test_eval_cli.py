@@ -1,0 +1,191 @@
+"""eval.py end to end: score-only golden numbers, a perfect answer set on the synthetic data root, generation with
+resume and missing images, --compare with a chart, and the demo."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import eval as ev
+from data.benchmarks import BENCHMARKS, QUESTION_FILES, MissingDataError, load_questions
+from data.synthetic_benchmarks import make_synthetic_benchmarks
+
+
+def _layout(fixtures: Path, root: Path) -> Path:
+    """The LLaVA layout the CLI expects, linked to the fixture files."""
+    (root / "pope/coco").mkdir(parents=True)
+    (root / "scienceqa").mkdir()
+    (root / "pope/llava_pope_test.jsonl").symlink_to(fixtures / "pope/llava_pope_test.jsonl")
+    for cat in ("adversarial", "popular", "random"):
+        (root / f"pope/coco/coco_pope_{cat}.json").symlink_to(fixtures / f"pope/coco_pope_{cat}.json")
+    (root / "scienceqa/llava_test_CQM-A.json").symlink_to(fixtures / "scienceqa/llava_test_CQM-A.json")
+    return root
+
+
+@pytest.mark.parametrize("bench,folder,score,detail", [
+    ("pope", "pope", 85.95, ("accuracy", 86.98)), ("sqa", "scienceqa", 71.64, ("overall", 74.39))])
+def test_score_only_golden(llava_eval_dir, tmp_path, bench, folder, score, detail):
+    root = _layout(llava_eval_dir, tmp_path / "data")
+    answers = llava_eval_dir / folder / "answers_llava-v1.5-13b.jsonl"
+    m = ev.main(["--bench", bench, "--score-only", "--answers", str(answers), "--data-root", str(root),
+                 "--out", str(tmp_path / "out")])
+    assert round(m["summary"][bench], 2) == score
+    assert round(m["benchmarks"][bench][detail[0]], 2) == detail[1]
+    assert json.loads((tmp_path / "out/metrics.json").read_text())["summary"] == m["summary"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    return make_synthetic_benchmarks(tmp_path_factory.mktemp("synthetic") / "data", n=4, seed=1)
+
+
+def _perfect_answers(root: Path, bench: str) -> list[dict]:
+    """Right answers read straight from the synthetic ground-truth files."""
+    qs = [json.loads(x) for x in (root / QUESTION_FILES[bench]).read_text().splitlines()] \
+        if bench in ("gqa", "textvqa", "pope", "mme") else []
+    if bench == "gqa":
+        gt = json.loads((root / "gqa/data/testdev_balanced_questions.json").read_text())
+        return [{"question_id": q["question_id"], "prompt": q["text"], "text": gt[q["question_id"]]["answer"] + "."}
+                for q in qs]
+    if bench == "textvqa":
+        gt = {d["image_id"]: d["answers"][0] for d in
+              json.loads((root / "textvqa/TextVQA_0.5.1_val.json").read_text())["data"]}
+        return [{"question_id": q["question_id"], "prompt": q["text"], "text": gt[q["question_id"]].upper()}
+                for q in qs]
+    if bench == "pope":
+        labels = {}
+        for cat in ("adversarial", "popular", "random"):
+            for line in (root / f"pope/coco/coco_pope_{cat}.json").read_text().splitlines():
+                labels[json.loads(line)["question_id"]] = json.loads(line)["label"]
+        return [{"question_id": q["question_id"], "prompt": q["text"], "text": labels[q["question_id"]].capitalize()}
+                for q in qs]
+    if bench == "mme":
+        out = []
+        for q in qs:
+            cat, name = q["question_id"].split("/")[0], Path(q["question_id"]).stem + ".txt"
+            txt = root / "MME/MME_Benchmark_release_version" / cat / ("" if cat == "color" else "questions_answers_YN")
+            truth = dict(line.split("\t") for line in (txt / name).read_text().splitlines())
+            question = q["text"].split("\n")[0] + " Please answer yes or no."
+            out.append({"question_id": q["question_id"], "prompt": q["text"], "text": truth[question]})
+        return out
+    if bench == "sqa":
+        return [{"question_id": r["id"], "prompt": ("<image>\n" if "image" in r else "")
+                 + r["conversations"][0]["value"].replace("<image>\n", "")
+                 + "\nAnswer with the option's letter from the given choices directly.",
+                 "text": r["conversations"][1]["value"]}
+                for r in json.loads((root / "scienceqa/llava_test_CQM-A.json").read_text())]
+    import pandas as pd
+
+    return [{"question_id": int(r["index"]), "prompt": "", "text": f"({r['answer']})"}
+            for _, r in pd.read_table(root / "mmbench/mmbench_dev_20230712.tsv").iterrows()]
+
+
+def test_perfect_answers_score_full_marks(synthetic_root, tmp_path):
+    for bench in BENCHMARKS:
+        lines = _perfect_answers(synthetic_root, bench)
+        (tmp_path / f"{bench}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    m = ev.main(["--bench", "all", "--score-only", "--out", str(tmp_path), "--data-root", str(synthetic_root)])
+    assert m["summary"] == {"gqa": 100.0, "sqa": 100.0, "textvqa": 100.0, "pope": 100.0,
+                            "mme": 400.0, "mmbench": 100.0}  # the synthetic MME has two perception subtasks
+    assert all(m["benchmarks"][b]["missing"] == 0 for b in BENCHMARKS)
+
+
+@pytest.fixture(scope="module")
+def tiny_and_tokenizer(tmp_path_factory):
+    from data.synthetic import make_demo_tokenizer
+    from data.tokenizer import load_tokenizer
+    from model import MobileVLM
+
+    tok = load_tokenizer(make_demo_tokenizer(tmp_path_factory.mktemp("tok")))
+    return MobileVLM.tiny(seed=0, vocab_size=tok.vocab_size).eval(), tok
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_generation_resume_and_batch_size(synthetic_root, tiny_and_tokenizer, tmp_path):
+    model, tok = tiny_and_tokenizer
+    run = dict(model=model, tokenizer=tok, max_new_tokens=6)
+    ev.evaluate(["sqa", "mme"], synthetic_root, tmp_path / "a", "tiny", batch_size=1, **run)
+    ev.evaluate(["sqa", "mme"], synthetic_root, tmp_path / "b", "tiny", batch_size=5, **run)
+    for bench in ("sqa", "mme"):
+        a, b = _lines(tmp_path / f"a/{bench}.jsonl"), _lines(tmp_path / f"b/{bench}.jsonl")
+        questions = load_questions(bench, synthetic_root)
+        assert a == b  # batch size 5 gives the answers of batch size 1, in question-file order
+        assert [(r["question_id"], r["prompt"]) for r in a] == [(q.question_id, q.prompt) for q in questions]
+        assert {"question_id", "prompt", "text"} <= set(a[0])
+    # interrupt: keep 3 answers and half of a fourth line, then rerun
+    path = tmp_path / "b/sqa.jsonl"
+    text = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(text[:3]) + text[3][:20])
+    m = ev.evaluate(["sqa"], synthetic_root, tmp_path / "b", "tiny", batch_size=5, **run)
+    assert _lines(path) == _lines(tmp_path / "a/sqa.jsonl")
+    assert m["benchmarks"]["sqa"]["missing"] == 0 and set(m["summary"]) == {"sqa", "mme"}
+    with pytest.raises(SystemExit, match="holds answers of model 'tiny'"):
+        ev.evaluate(["sqa"], synthetic_root, tmp_path / "b", "another-model", batch_size=5, **run)
+    # another model's metrics never merge into this table
+    m = ev.evaluate(["gqa"], synthetic_root, tmp_path / "b", "another-model", batch_size=5, **run)
+    assert set(m["summary"]) == {"gqa"} and m["model"] == "another-model"
+
+
+def test_missing_image_is_reported_not_fatal(synthetic_root, tiny_and_tokenizer, tmp_path, capsys):
+    model, tok = tiny_and_tokenizer
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "gqa", root / "gqa")
+    (root / "gqa/data/images/n1.png").unlink()
+    m = ev.evaluate(["gqa"], root, tmp_path / "out", "tiny", model, tok, batch_size=2, max_new_tokens=4)
+    r = m["benchmarks"]["gqa"]
+    assert r["images_unreadable"] == 1 and r["missing"] == 1 and r["n"] == 4
+    assert "n1.png" in capsys.readouterr().out
+    assert len(_lines(tmp_path / "out/gqa.jsonl")) == 3
+
+
+def test_missing_data_file_names_path(tmp_path):
+    with pytest.raises(MissingDataError, match=r"gqa/llava_gqa_testdev_balanced\.jsonl.*eval\.zip"):
+        ev.main(["--bench", "gqa", "--score-only", "--out", str(tmp_path), "--data-root", str(tmp_path / "none")])
+    # with a model to run, the data is checked before the (here nonexistent) model is loaded
+    with pytest.raises(MissingDataError, match=r"gqa/llava_gqa_testdev_balanced\.jsonl"):
+        ev.main(["--bench", "all", "--model", str(tmp_path / "no-model"), "--data-root", str(tmp_path)])
+
+
+def test_compare_and_chart(tmp_path, capsys):
+    a = {"model": "/m/MobileVLM_V2-1.7B", "summary": {"gqa": 59.3, "sqa": 66.7, "textvqa": 52.1, "pope": 84.3,
+                                                      "mme": 1302.8, "mmbench": 57.7}}
+    b = {"model": "/m/student", "summary": {"gqa": 50.0, "pope": 80.0}}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    ev.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--chart", str(tmp_path / "c.png")])
+    out = capsys.readouterr().out.splitlines()
+    # Avg = (59.3 + 66.7 + 52.1 + 84.3 + 1302.8 / 20 + 57.7) / 6 = 385.24 / 6
+    assert out[1].split() == ["MobileVLM_V2-1.7B", "59.30", "66.70", "52.10", "84.30", "1302.80", "57.70", "64.21"]
+    assert out[2].split() == ["student", "50.00", "-", "-", "80.00", "-", "-", "-"]
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_average_is_mobilevlm_avg():
+    # MobileVLM's model zoo: 1.7B row averages to 64.2, 3B to 68.1 (reference/mobilevlm-v2.md section 6)
+    s17 = {"gqa": 59.3, "sqa": 66.7, "textvqa": 52.1, "pope": 84.3, "mme": 1302.8, "mmbench": 57.7}
+    s3 = {"gqa": 61.1, "sqa": 70.0, "textvqa": 57.5, "pope": 84.7, "mme": 1440.5, "mmbench": 63.2}
+    assert (round(ev.average(s17), 1), round(ev.average(s3), 1)) == (64.2, 68.1)
+
+
+def test_demo(tmp_path):
+    m = ev.main(["--bench", "demo", "--out", str(tmp_path)])
+    assert set(m["summary"]) == set(BENCHMARKS) and m["average"] is not None
+    assert all(len(_lines(tmp_path / f"{b}.jsonl")) == len(load_questions(b, tmp_path / "data")) for b in BENCHMARKS)
+
+
+def test_cli_runs_a_saved_checkpoint(synthetic_root, tiny_and_tokenizer, tmp_path):
+    model, tok = tiny_and_tokenizer
+    model.save_pretrained(tmp_path / "ckpt")
+    shutil.copy(tok.path, tmp_path / "ckpt/tokenizer.model")
+    m = ev.main(["--bench", "pope", "--model", str(tmp_path / "ckpt"), "--data-root", str(synthetic_root),
+                 "--out", str(tmp_path / "out"), "--limit", "5", "--batch-size", "2", "--max-new-tokens", "3"])
+    lines = _lines(tmp_path / "out/pope.jsonl")
+    assert len(lines) == 5 and m["benchmarks"]["pope"]["n"] == 5 and m["benchmarks"]["pope"]["limit"] == 5
+    # the loaded checkpoint answers as the in-memory model does
+    ev.evaluate(["pope"], synthetic_root, tmp_path / "mem", "tiny", model, tok, limit=5, max_new_tokens=3)
+    assert [r["text"] for r in lines] == [r["text"] for r in _lines(tmp_path / "mem/pope.jsonl")]

@@ -31,6 +31,8 @@ from data import LLaVADataset, Collator, load_tokenizer, make_demo_tokenizer, ma
 from data.tokenizer import tokenizer_fingerprint
 from kernels.alignkd_loss import AlignKDLoss, KDBatch, KDSide
 from model import MobileVLM
+from model.lora import apply_lora, is_lora, lora_parameter_counts, merged_state_dict, trainable_state_dict
+from model.quantize import load_teacher, model_bytes
 
 log = logging.getLogger("alignkd")
 TERMS = ("loss", "ce", "logit", "attn", "proj_all", "proj_focus")
@@ -74,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-checkpointing", action="store_true", help="disable the student's activation checkpointing")
+    p.add_argument("--teacher-dtype", choices=("auto", "nf4", "bf16"), default="auto",
+                   help="teacher weights: 4-bit NF4 (default on CUDA) or unquantized (default on CPU)")
+    p.add_argument("--optim", choices=("auto", "adamw8bit", "adamw"), default="auto",
+                   help="auto: bitsandbytes paged 8-bit AdamW on CUDA, torch AdamW on CPU")
+    p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (+ the projector)")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop (with a checkpoint) after this many steps of this run; --resume continues")
     p.add_argument("--demo-steps", type=int, default=40, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.projector_lr is None:
@@ -92,12 +101,13 @@ def prepare_demo(args: argparse.Namespace) -> None:
     vocab = load_tokenizer(tok_dir).vocab_size
     if not (root / "synthetic_mixed.json").exists():
         make_synthetic_dataset(root, n=96, seed=0, kind="mixed")
-    for name, kw in (("teacher", dict(hidden_size=96, num_heads=6, num_layers=3, seed=1)),
-                     ("student", dict(hidden_size=64, num_heads=4, num_layers=2, seed=2))):
-        folder = root / name
-        if not (folder / "config.json").exists():
-            seed = kw.pop("seed")
-            MobileVLM.tiny(seed=seed, vocab_size=vocab, **kw).save_pretrained(folder, tokenizer_dir=tok_dir)
+    if not (root / "student" / "config.json").exists():
+        student = MobileVLM.tiny(seed=2, vocab_size=vocab, hidden_size=64, num_heads=4, num_layers=2)
+        teacher = MobileVLM.tiny(seed=1, vocab_size=vocab, hidden_size=96, num_heads=6, num_layers=3)
+        # like MobileVLM V2-1.7B and -7B, both carry the same frozen CLIP
+        teacher.vision_tower.load_state_dict(student.vision_tower.state_dict())
+        teacher.save_pretrained(root / "teacher", tokenizer_dir=tok_dir)
+        student.save_pretrained(root / "student", tokenizer_dir=tok_dir)
     args.data_root, args.student, args.teacher = str(root), str(root / "student"), str(root / "teacher")
     if args.max_steps is None:
         args.max_steps = args.demo_steps
@@ -139,7 +149,10 @@ def save_checkpoint(out: Path, step: int, student: MobileVLM, loss_fn: AlignKDLo
     final = out / f"checkpoint-{step}"
     tmp = out / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, tokenizer_dir=tokenizer_dir)
+    lora = is_lora(student)
+    student.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=merged_state_dict(student) if lora else None)
+    if lora:  # the merged weights serve evaluation; resuming needs the adapters on top of the base model
+        torch.save(trainable_state_dict(student), tmp / "lora_trainable.pt")
     torch.save(loss_fn.state_dict(), tmp / "alignkd_adapters.pt")
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
@@ -179,6 +192,24 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n - self.start
 
 
+def oom_message(args: argparse.Namespace, device: torch.device) -> str:
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return (f"error: out of GPU memory (peak allocated {peak:.2f} GiB, batch {args.batch_size}, max-len "
+            f"{args.max_len}). Lower it with: --batch-size 1 and a larger --grad-accum, a smaller --max-len, "
+            f"--teacher-dtype nf4, --optim adamw8bit, --lora-r 64, or activation checkpointing (on unless "
+            f"--no-checkpointing).")
+
+
+def make_optimizer(groups: list[dict], args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    kind = args.optim if args.optim != "auto" else ("adamw8bit" if device.type == "cuda" else "adamw")
+    kw = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    if kind == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
 def lr_lambda(total: int, warmup: int):
     def f(step: int) -> float:  # linear warmup, then cosine to 0 (HF's cosine schedule, as MobileVLM trains)
         if step < warmup:
@@ -198,6 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
     elif not args.student or (not args.teacher and not args.no_distill):
         raise SystemExit("error: --student and --teacher are required (or --no-distill without --teacher); "
                          "run with no arguments for the demo")
+    for what, folder in (("student", args.student), ("teacher", None if args.no_distill else args.teacher),
+                         ("tokenizer", args.tokenizer), ("vision tower", args.vision_tower)):
+        if folder is not None and not Path(folder).is_dir():
+            raise SystemExit(f"error: {what} folder {folder} does not exist")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -215,9 +250,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # models
     student = load_model(args.student, args, dtype, "student")
-    teacher = None
+    teacher, shared_vision = None, False
     if not args.no_distill:
-        teacher = load_model(args.teacher, args, dtype, "teacher").eval().requires_grad_(False)
+        quant = args.teacher_dtype if args.teacher_dtype != "auto" else ("nf4" if device.type == "cuda" else "bf16")
+        if not Path(args.teacher).is_dir():
+            raise SystemExit(f"error: teacher folder {args.teacher} does not exist")
+        teacher = load_teacher(args.teacher, quant, args.vision_tower, device, compute_dtype=dtype)
+        log.info(f"teacher: {quant}, {model_bytes(teacher) / 2**20:,.1f} MiB of weights")
         t_tok = Path(args.teacher)
         if (t_tok / "tokenizer.model").exists() or (t_tok / "tokenizer.json").exists():
             if tokenizer_fingerprint(load_tokenizer(t_tok)) != tokenizer_fingerprint(tokenizer):
@@ -229,9 +268,11 @@ def main(argv: list[str] | None = None) -> dict:
             shared_vision = True
         else:
             log.info("vision towers differ: each model runs its own CLIP")
-            shared_vision = False
         teacher.enable_qk_capture()
     student.enable_qk_capture()
+    if args.lora_r:
+        apply_lora(student, args.lora_r)
+        log.info(f"LoRA r={args.lora_r}: trainable {lora_parameter_counts(student)}")
     if not args.no_checkpointing:
         student.enable_activation_checkpointing()
     student.train()
@@ -249,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
               {"params": proj_params, "lr": args.projector_lr}]
     if teacher is not None:
         groups.append({"params": list(loss_fn.parameters()), "lr": args.projector_lr})
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    opt = make_optimizer(groups, args, device)
     micro_per_epoch = max(1, len(dataset) // args.batch_size)
     total = args.max_steps or max(1, int(args.epochs * micro_per_epoch / args.grad_accum))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.warmup_ratio * total)))
@@ -260,9 +301,12 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             raise SystemExit(f"error: --resume but {out} has no complete checkpoint")
-        resumed = MobileVLM.from_pretrained(ckpt, vision_tower=args.vision_tower, dtype=dtype, device=args.device)
-        student.load_state_dict(resumed.state_dict())
-        del resumed
+        if is_lora(student):
+            student.load_state_dict(torch.load(ckpt / "lora_trainable.pt", map_location=device), strict=False)
+        else:
+            resumed = MobileVLM.from_pretrained(ckpt, vision_tower=args.vision_tower, dtype=dtype, device=args.device)
+            student.load_state_dict(resumed.state_dict())
+            del resumed
         loss_fn.load_state_dict(torch.load(ckpt / "alignkd_adapters.pt", map_location=device))
         st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         opt.load_state_dict(st["optimizer"])
@@ -284,12 +328,14 @@ def main(argv: list[str] | None = None) -> dict:
                 yield batch
             epoch, offset = epoch + 1, 0
 
+    start_step = step
     stream = batches()
     log_file = open(out / "log.jsonl", "a")
     pbar = tqdm(total=total, initial=step, desc="align-kd" if teacher else "fine-tune", dynamic_ncols=True)
     history, t0, tokens = [], time.time(), 0
-    while step < total:
-        sums = Counter()
+    def accumulate(sums: Counter) -> int:
+        """Forward/backward of --grad-accum micro-batches; returns the number of real tokens."""
+        n_tokens = 0
         for _ in range(args.grad_accum):
             batch = next(stream)
             skipped.update(batch["skipped"])
@@ -315,8 +361,16 @@ def main(argv: list[str] | None = None) -> dict:
             terms = loss_fn(s_side, t_side, kd_batch, distill=teacher is not None)
             (terms["loss"] / args.grad_accum).backward()
             for k in TERMS:
-                sums[k] += float(terms[k]) / args.grad_accum
-            tokens += int(mask.sum())
+                sums[k] += terms[k].detach().item() / args.grad_accum
+            n_tokens += int(mask.sum())
+        return n_tokens
+
+    while step < total:
+        sums = Counter()
+        try:
+            tokens += accumulate(sums)
+        except torch.OutOfMemoryError:
+            raise SystemExit(oom_message(args, device)) from None
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
         opt.step()
         sched.step()
@@ -325,18 +379,22 @@ def main(argv: list[str] | None = None) -> dict:
         bad = [k for k in TERMS if not math.isfinite(sums[k])]
         if bad:
             raise SystemExit(f"error: non-finite loss terms {bad} at step {step}; last checkpoint is kept")
-        record = {"step": step, **{k: round(sums[k], 6) for k in TERMS}, "lr": sched.get_last_lr()[0],
+        record = {"step": step, **{k: sums[k] for k in TERMS}, "lr": sched.get_last_lr()[0],
                   "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.time() - t0),
                   "skipped": dict(skipped), "epoch": epoch}
         history.append(record)
         if step % args.log_every == 0 or step == total:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
-            pbar.set_postfix({k: f"{sums[k]:.3f}" for k in TERMS} | ({"skip": sum(skipped.values())} if skipped else {}))
+            pbar.set_postfix({k: f"{sums[k]:.3g}" for k in TERMS} | ({"skip": sum(skipped.values())} if skipped else {}))
         pbar.update(1)
-        if step % args.save_every == 0 or step == total:
+        stop = args.stop_after is not None and step - start_step >= args.stop_after
+        if step % args.save_every == 0 or step == total or stop:
             state = {"step": step, "epoch": epoch, "offset": offset, "skipped": dict(skipped), "args": vars(args)}
             save_checkpoint(out, step, student, loss_fn, opt, sched, state, tok_dir, args.keep)
+        if stop:
+            log.info(f"stopping after {args.stop_after} steps (--stop-after); continue with --resume")
+            break
     pbar.close()
     log_file.close()
     if skipped:
@@ -344,10 +402,13 @@ def main(argv: list[str] | None = None) -> dict:
     if history:
         first, last = history[0], history[-1]
         log.info("loss terms, first -> last step: " +
-                 ", ".join(f"{k} {first[k]:.4f} -> {last[k]:.4f}" for k in TERMS))
+                 ", ".join(f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in TERMS))
     log.info(f"checkpoint: {latest_checkpoint(out)}")
     return {"history": history, "skipped": dict(skipped), "checkpoint": str(latest_checkpoint(out))}
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, KeyError) as e:  # missing files or a checkpoint that does not match: no traceback
+        raise SystemExit(f"error: {e}") from None

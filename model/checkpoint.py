@@ -131,15 +131,18 @@ def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_mobilevlm(model: nn.Module, path: str | Path, safetensors: bool = False,
-                   tokenizer_dir: str | Path | None = None) -> None:
-    """Write config.json + weights in the official layout (pytorch_model.bin by default, sharded above 10 GB)."""
+                   tokenizer_dir: str | Path | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json + weights in the official layout (pytorch_model.bin by default, sharded above 10 GB).
+    `state_dict` replaces the model's own (e.g. LoRA weights merged on the fly)."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     config = dict(model.config.to_dict())
     dtype = model.lm_head.weight.dtype
     config["torch_dtype"] = str(dtype).replace("torch.", "")
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in official_state_dict(model).items()}
+    nested = _clip_nested(model)
+    own = state_dict if state_dict is not None else model.state_dict()
+    state = {to_official(k, nested): v.detach().contiguous().cpu() for k, v in own.items()}
     shards, current, size = [], {}, 0
     for k, v in state.items():
         nbytes = v.numel() * v.element_size()

@@ -119,3 +119,26 @@ def lora_parameter_counts(student: nn.Module) -> dict[str, int]:
 
 
 __all__ = ["DEFAULT_TARGETS", "apply_lora", "is_lora", "lora_parameter_counts", "merge_lora"]
+
+
+@torch.no_grad()
+def merged_state_dict(student: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict the student would have after `merge_lora`, without touching the training model: what a
+    checkpoint saves in the official layout while training goes on."""
+    state = {}
+    lora_modules = dict(_lora_layers(student))
+    for name, tensor in student.state_dict().items():
+        if _is_lora_param(name):
+            continue
+        if ".base_layer." in name:
+            owner = name.split(".base_layer.")[0]
+            name = name.replace(".base_layer.", ".")
+            if name.endswith(".weight"):
+                tensor = tensor + lora_modules[owner].get_delta_weight(ADAPTER).to(tensor.dtype)
+        state[name] = tensor
+    return state
+
+
+def trainable_state_dict(student: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA matrices and the projector: what a LoRA run must keep to resume on top of its base model."""
+    return {n: p.detach().cpu() for n, p in student.named_parameters() if p.requires_grad}

@@ -1,0 +1,77 @@
+"""The training script as a user runs it: the embedded demo, checkpoints, resume, the baseline, bad input."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import train_alignkd
+from kernels.alignkd_loss import head_average_init
+from model import MobileVLM
+
+FAST = ["--num-workers", "0", "--save-every", "1000"]
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_demo_learns_and_writes_a_loadable_checkpoint(tmp_path):
+    result = train_alignkd.main(["--output-dir", str(tmp_path), "--demo-steps", "24", *FAST])
+    hist = result["history"]
+    assert [h["step"] for h in hist] == list(range(1, 25))
+    for h in hist:
+        for k in train_alignkd.TERMS:
+            assert math.isfinite(h[k]), (k, h)
+    first = sum(h["loss"] for h in hist[:4]) / 4
+    last = sum(h["loss"] for h in hist[-4:]) / 4
+    assert last < 0.9 * first, (first, last)
+    # every distillation term is active (not the original's constant attention loss)
+    assert all(h["attn"] > 0 and h["proj_all"] > 0 and h["proj_focus"] > 0 and h["logit"] > 0 for h in hist)
+    ckpt = tmp_path / "checkpoint-24"
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-24"
+    assert (ckpt / "pytorch_model.bin").exists() and (ckpt / "tokenizer.model").exists()
+    model = MobileVLM.from_pretrained(ckpt)
+    start = MobileVLM.from_pretrained(tmp_path / "demo_assets" / "student")
+    assert not torch.equal(model.lm_head.weight, start.lm_head.weight)  # the student trained
+    assert torch.equal(model.vision_tower.vision_tower.embeddings.patch_embedding.weight,
+                       start.vision_tower.vision_tower.embeddings.patch_embedding.weight)  # CLIP is frozen
+    adapters = torch.load(ckpt / "alignkd_adapters.pt")
+    assert not torch.allclose(adapters["attn_weight"], head_average_init(4, 6))  # the adapters trained (D1)
+    assert adapters["attn_bias"].abs().sum() > 0
+    assert not (tmp_path / ".tmp-checkpoint-24").exists()
+
+
+def test_resume_continues_at_the_right_step_with_the_same_result(tmp_path):
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    train_alignkd.main(["--output-dir", str(full), "--demo-steps", "6", *FAST])
+    train_alignkd.main(["--output-dir", str(parts), "--demo-steps", "6", "--stop-after", "3", *FAST])
+    assert (parts / "latest").read_text().strip() == "checkpoint-3"
+    train_alignkd.main(["--output-dir", str(parts), "--demo-steps", "6", "--resume", *FAST])
+    assert [h["step"] for h in _log(parts)] == [1, 2, 3, 4, 5, 6]
+    a, b = MobileVLM.from_pretrained(full / "checkpoint-6"), MobileVLM.from_pretrained(parts / "checkpoint-6")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=k)
+    for la, lb in zip(_log(full)[3:], _log(parts)[3:]):
+        assert la["loss"] == pytest.approx(lb["loss"], rel=1e-5)
+
+
+def test_no_distill_baseline_is_ce_only(tmp_path):
+    result = train_alignkd.main(["--output-dir", str(tmp_path), "--demo-steps", "3", "--no-distill", *FAST])
+    for h in result["history"]:
+        assert h["logit"] == h["attn"] == h["proj_all"] == h["proj_focus"] == 0
+        assert h["loss"] == pytest.approx(h["ce"]) and h["ce"] > 0
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        train_alignkd.main(["--subset", "mix2m", "--data", str(tmp_path / "x.json"), "--image-folder",
+                            str(tmp_path), "--student", str(tmp_path / "nope"), "--teacher", str(tmp_path / "no2"),
+                            "--output-dir", str(tmp_path / "out")])
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        train_alignkd.main(["--output-dir", str(tmp_path), "--demo-steps", "2", "--resume", *FAST])

@@ -31,6 +31,7 @@ from data import LLaVADataset, Collator, load_tokenizer, make_demo_tokenizer, ma
 from data.tokenizer import tokenizer_fingerprint
 from kernels.alignkd_loss import AlignKDLoss, KDBatch, KDSide
 from model import MobileVLM
+from model.master_weights import MasterWeights
 from model.lora import apply_lora, is_lora, lora_parameter_counts, merged_state_dict, trainable_state_dict
 from model.quantize import load_teacher, model_bytes
 
@@ -80,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="teacher weights: 4-bit NF4 (default on CUDA) or unquantized (default on CPU)")
     p.add_argument("--optim", choices=("auto", "adamw8bit", "adamw"), default="auto",
                    help="auto: bitsandbytes paged 8-bit AdamW on CUDA, torch AdamW on CPU")
+    p.add_argument("--master-weights", choices=("auto", "fp32", "none"), default="auto",
+                   help="fp32 copies of bf16 trainable weights (auto: on for a bf16 student without LoRA)")
     p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (+ the projector)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of this run; --resume continues")
@@ -144,7 +147,7 @@ def vision_fingerprint(model: MobileVLM) -> tuple:
 # ---- checkpoints --------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(out: Path, step: int, student: MobileVLM, loss_fn: AlignKDLoss, opt, sched, state: dict,
-                    tokenizer_dir: Path, keep: int) -> Path:
+                    tokenizer_dir: Path, keep: int, masters: MasterWeights | None = None) -> Path:
     """Write checkpoint-STEP atomically: build it in a temp folder, rename, then repoint `latest`."""
     final = out / f"checkpoint-{step}"
     tmp = out / f".tmp-checkpoint-{step}"
@@ -153,6 +156,8 @@ def save_checkpoint(out: Path, step: int, student: MobileVLM, loss_fn: AlignKDLo
     student.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=merged_state_dict(student) if lora else None)
     if lora:  # the merged weights serve evaluation; resuming needs the adapters on top of the base model
         torch.save(trainable_state_dict(student), tmp / "lora_trainable.pt")
+    if masters is not None:  # the bf16 weights are rounded: exact resume needs the fp32 copies
+        torch.save(masters.masters(), tmp / "master_weights.pt")
     torch.save(loss_fn.state_dict(), tmp / "alignkd_adapters.pt")
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
@@ -290,7 +295,10 @@ def main(argv: list[str] | None = None) -> dict:
               {"params": proj_params, "lr": args.projector_lr}]
     if teacher is not None:
         groups.append({"params": list(loss_fn.parameters()), "lr": args.projector_lr})
-    opt = make_optimizer(groups, args, device)
+    use_masters = args.master_weights == "fp32" or (args.master_weights == "auto" and dtype != torch.float32
+                                                         and not args.lora_r)
+    masters = MasterWeights(groups) if use_masters else None
+    opt = make_optimizer(masters.groups if masters else groups, args, device)
     micro_per_epoch = max(1, len(dataset) // args.batch_size)
     total = args.max_steps or max(1, int(args.epochs * micro_per_epoch / args.grad_accum))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.warmup_ratio * total)))
@@ -309,6 +317,11 @@ def main(argv: list[str] | None = None) -> dict:
             del resumed
         loss_fn.load_state_dict(torch.load(ckpt / "alignkd_adapters.pt", map_location=device))
         st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if masters is not None:
+            if (ckpt / "master_weights.pt").exists():
+                masters.load_masters(torch.load(ckpt / "master_weights.pt", map_location=device))
+            else:
+                masters.load_masters([p.detach() for p, m in masters.pairs if m is not p])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, epoch, offset, skipped = st["step"], st["epoch"], st["offset"], Counter(st["skipped"])
@@ -372,7 +385,10 @@ def main(argv: list[str] | None = None) -> dict:
         except torch.OutOfMemoryError:
             raise SystemExit(oom_message(args, device)) from None
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
-        opt.step()
+        if masters is not None:
+            masters.step(opt)
+        else:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -391,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
         stop = args.stop_after is not None and step - start_step >= args.stop_after
         if step % args.save_every == 0 or step == total or stop:
             state = {"step": step, "epoch": epoch, "offset": offset, "skipped": dict(skipped), "args": vars(args)}
-            save_checkpoint(out, step, student, loss_fn, opt, sched, state, tok_dir, args.keep)
+            save_checkpoint(out, step, student, loss_fn, opt, sched, state, tok_dir, args.keep, masters)
         if stop:
             log.info(f"stopping after {args.stop_after} steps (--stop-after); continue with --resume")
             break

@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Triton decides interpreter mode for its language helpers when it is first imported, and liger-kernel or
+# bitsandbytes may import it before a kernel test module runs: without a GPU, turn the interpreter on before
+# anything can import triton. "auto" dispatch would then route every CPU loss through the (slow) interpreter, so
+# the default backend of the other tests is the reference; the kernel tests ask for "triton" explicitly.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("ALIGNKD_BACKEND", "reference")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -1,0 +1,73 @@
+"""alignkd's Align-KD losses (design.md section 4): one public API, dispatched to Triton or to the reference.
+
+    attention_alignment_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None) -> scalar
+    attention_alignment_and_focus(...same...) -> (scalar, [B, L] fp32)
+    text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None) -> [B, L] float32
+    projection_kd_loss(f_t, f_s, weight, bias, focus_idx=None) -> (loss_all, loss_focus)
+    logit_kd_loss(h_s, w_s, h_t, w_t, kind="forward", temperature=1.0) -> scalar
+
+Each takes a keyword ``backend="auto"|"triton"|"reference"`` (env ``ALIGNKD_BACKEND``); see ``kernels.dispatch``.
+``kernels.reference`` holds the same names in plain PyTorch (the specification); ``kernels.alignkd_loss`` the
+``AlignKDLoss`` module with the trainable adapters.
+
+Name clash, on purpose handled here: bitsandbytes and transformers probe for the Hugging Face hub package that is
+also called ``kernels`` (bitsandbytes: ``from kernels import get_kernel`` inside try/except; transformers:
+``is_kernels_available()`` = find_spec + distribution version, falling back to ``kernels.__version__`` when no
+distribution metadata exists). Run from the repo root, those probes find this package. So this package must:
+- define none of the hub API (``get_kernel``, ``kernelize``, ``LayerRepository``, ...), so ``from kernels import
+  get_kernel`` fails with a plain ImportError that the probes catch;
+- define no ``__version__`` (transformers then reads "N/A", which is never a viable version, so
+  ``is_kernels_available()`` is False and nothing tries ``from kernels import CUDAProperties, ...``);
+- import nothing heavy or circular at import time (no triton, no transformers, no bitsandbytes): the probes import it
+  while those libraries are half initialized.
+tests/test_import_hazard.py checks all of this in a subprocess started in the repo root.
+"""
+from __future__ import annotations
+
+import importlib.metadata as _metadata
+import warnings as _warnings
+
+from .dispatch import (
+    BACKENDS,
+    attention_alignment_and_focus,
+    attention_alignment_loss,
+    chunked_cross_entropy,
+    fused_logit_kd_and_ce,
+    logit_kd_loss,
+    projection_kd_loss,
+    resolve_backend,
+    text_focus,
+)
+
+ALIGNKD_LOCAL_KERNELS = True  # marker: this is alignkd's package, not the Hugging Face hub `kernels`
+
+__all__ = [
+    "BACKENDS",
+    "attention_alignment_and_focus",
+    "attention_alignment_loss",
+    "chunked_cross_entropy",
+    "fused_logit_kd_and_ce",
+    "logit_kd_loss",
+    "projection_kd_loss",
+    "resolve_backend",
+    "text_focus",
+]
+
+
+def _warn_if_hub_kernels_installed() -> None:
+    """If the hub `kernels` distribution is installed, its metadata makes transformers believe the package it imports
+    (this one, when run from the repo root) is the hub's: say so clearly instead of failing later in transformers."""
+    try:
+        dist = _metadata.distribution("kernels")
+    except _metadata.PackageNotFoundError:
+        return
+    except Exception:  # noqa: BLE001 - a metadata oddity must never break the import
+        return
+    _warnings.warn(
+        f"the Hugging Face `kernels` package {dist.version} is installed, but running from the alignkd repo root "
+        f"imports alignkd's local `kernels/` package under the same name; transformers/bitsandbytes hub-kernel "
+        f"features will not work in this process (pip uninstall kernels, or run from another directory)",
+        RuntimeWarning, stacklevel=2)
+
+
+_warn_if_hub_kernels_installed()

@@ -1,0 +1,200 @@
+"""Align-KD losses in plain PyTorch: the readable specification (design.md section 4).
+
+Every fast path (the Triton kernels, the chunked logit-KD) is tested against these functions, and these functions are
+tested against naive fully materialized computations (tests/test_reference.py). Inputs may be bf16/fp16; all math is
+fp32. Teacher tensors never receive gradients.
+
+Notation
+--------
+q, k: [B, H, L, D] layer-0 queries/keys after RoPE, k already repeated to q's heads.
+P = softmax(q k^T / sqrt(D)) over keys j with the causal mask (j <= i) and the padding mask (attention_mask[b, j]
+    marks valid keys; None: every key valid). A query row without any valid key has P = 0.
+E = {(b, i, j): text_mask[b, i] and vision_mask[b, j] and j < i}: text queries attending to earlier vision keys.
+    E depends on the masks only (not on attention_mask); a padded vision key inside E simply has P = 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention_alignment_loss",
+    "attention_alignment_and_focus",
+    "text_focus",
+    "projection_kd_loss",
+    "logit_kd_loss",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# attention alignment and text focus
+
+
+def _positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted positions of the True entries of each row of mask [B, L] -> (pos [B, N] long, ok [B, N] bool).
+
+    N is the largest count over the batch; rows with fewer entries are padded with position 0 and ok=False.
+    """
+    mask = mask.bool()
+    B, L = mask.shape
+    counts = mask.sum(1)
+    n = int(counts.max()) if B > 0 else 0
+    # a stable sort of "not in mask" puts the masked positions first, in increasing order
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :n]
+    ok = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(ok, order, torch.zeros_like(order)), ok
+
+
+def _text_vision_probs(q, k, rows, cols, attention_mask) -> torch.Tensor:
+    """P restricted to the given query rows and key columns: [B, H, T, V] fp32.
+
+    The softmax runs over *all* keys of each row (causal + padding mask), then the vision columns are picked out, so
+    the result is the true attention probability, not a renormalized slice.
+    """
+    B, H, L, D = q.shape
+    q_rows = q.float().gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], D))  # [B, H, T, D]
+    scores = q_rows @ k.float().transpose(-1, -2) / math.sqrt(D)  # [B, H, T, L]
+    key_pos = torch.arange(L, device=q.device)
+    allowed = key_pos[None, None, :] <= rows[:, :, None]  # causal: [B, T, L]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    row_has_key = allowed.any(-1)  # [B, T]
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    # rows without any valid key: softmax of a finite row, then zeroed (keeps NaN out of forward and backward)
+    scores = scores.masked_fill(~row_has_key[:, None, :, None], 0.0)
+    probs = torch.softmax(scores, dim=-1) * row_has_key[:, None, :, None]
+    return probs.gather(3, cols[:, None, None, :].expand(B, H, rows.shape[1], cols.shape[1]))  # [B, H, T, V]
+
+
+def _pair_set(text_mask, vision_mask):
+    """Compact rows (text positions), columns (vision positions) and the pair mask E over them: [B, T, V] bool."""
+    rows, row_ok = _positions(text_mask)
+    cols, col_ok = _positions(vision_mask)
+    pairs = row_ok[:, :, None] & col_ok[:, None, :] & (cols[:, None, :] < rows[:, :, None])
+    return rows, cols, pairs
+
+
+def _check_qk(q_t, k_t, q_s=None, k_s=None):
+    if q_t.dim() != 4 or q_t.shape[:3] != k_t.shape[:3] or q_t.shape[-1] != k_t.shape[-1]:
+        raise ValueError(f"q_t, k_t must be [B, H, L, D] with equal shapes, got {tuple(q_t.shape)}, {tuple(k_t.shape)}")
+    if q_s is not None:
+        if q_s.dim() != 4 or q_s.shape != k_s.shape:
+            raise ValueError(f"q_s, k_s must be [B, H, L, D] with equal shapes, got {tuple(q_s.shape)}, "
+                             f"{tuple(k_s.shape)}")
+        if q_s.shape[0] != q_t.shape[0] or q_s.shape[2] != q_t.shape[2]:
+            raise ValueError("teacher and student q/k must share batch size and sequence length")
+
+
+def attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None):
+    """(L_attn, F): the attention alignment loss and the teacher's text focus from one pass.
+
+    L_attn = mean over (b, i, j) in E and student heads hs of
+             ( sum_ht weight[hs, ht] * P_t[b, ht, i, j] + bias[hs] - P_s[b, hs, i, j] )^2
+    i.e. sum over E x Hs of the squared difference divided by |E| * Hs. weight [Hs, Ht], bias [Hs] is the 1x1 conv
+    over heads. An empty E gives a zero fp32 scalar that still backpropagates (zero gradients).
+
+    F[b, j] = (1 / Ht) * sum_ht sum_{i: (b, i, j) in E} P_t[b, ht, i, j] for vision keys j, 0 elsewhere: [B, L] fp32.
+
+    Gradients flow to q_s, k_s, weight and bias; q_t and k_t are constants.
+    """
+    _check_qk(q_t, k_t, q_s, k_s)
+    Hs, Ht = q_s.shape[1], q_t.shape[1]
+    if tuple(weight.shape) != (Hs, Ht) or tuple(bias.shape) != (Hs,):
+        raise ValueError(f"weight must be [Hs, Ht] = [{Hs}, {Ht}] and bias [{Hs}], got {tuple(weight.shape)}, "
+                         f"{tuple(bias.shape)}")
+    rows, cols, pairs = _pair_set(text_mask, vision_mask)
+    with torch.no_grad():
+        p_t = _text_vision_probs(q_t.detach(), k_t.detach(), rows, cols, attention_mask)  # [B, Ht, T, V]
+    p_s = _text_vision_probs(q_s, k_s, rows, cols, attention_mask)  # [B, Hs, T, V]
+    target = torch.einsum("sh,bhtv->bstv", weight.float(), p_t) + bias.float()[None, :, None, None]
+    sq = (target - p_s).pow(2) * pairs[:, None]  # [B, Hs, T, V], zero outside E
+    n = int(pairs.sum()) * Hs
+    loss = sq.sum() / max(n, 1)  # empty E: an exact zero that is still part of the graph
+    focus = _scatter_focus(p_t, rows, cols, pairs, text_mask.shape[1])
+    return loss, focus
+
+
+def _scatter_focus(p_t, rows, cols, pairs, L):
+    B, Ht = p_t.shape[:2]
+    per_col = (p_t * pairs[:, None]).sum(dim=(1, 2)) / Ht  # [B, V]; padded columns have no pairs -> 0
+    focus = torch.zeros(B, L, dtype=torch.float32, device=p_t.device)
+    return focus.scatter_add_(1, cols, per_col)
+
+
+def attention_alignment_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None):
+    """L_attn (fp32 scalar): see ``attention_alignment_and_focus``."""
+    return attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask)[0]
+
+
+@torch.no_grad()
+def text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None):
+    """Text focus F [B, L] fp32 of the teacher (no gradient):
+
+    F[b, j] = (1 / Ht) * sum_ht sum_{i: (b, i, j) in E} P_t[b, ht, i, j] for vision keys j, and 0 elsewhere.
+    The focus set of a sample is the top-K vision tokens by F.
+    """
+    _check_qk(q_t, k_t)
+    rows, cols, pairs = _pair_set(text_mask, vision_mask)
+    p_t = _text_vision_probs(q_t, k_t, rows, cols, attention_mask)
+    return _scatter_focus(p_t, rows, cols, pairs, text_mask.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# projection KD
+
+
+def projection_kd_loss(f_t, f_s, weight, bias, focus_idx=None):
+    """(L_proj_all, L_proj_focus) for the projection adapter A(x) = x @ weight.T + bias.
+
+    f_t [B, N, d_t] teacher vision tokens (constant), f_s [B, N, d_s] student vision tokens, weight [d_s, d_t],
+    bias [d_s]. With R = A(f_t) - f_s (fp32):
+      loss_all   = mean of R^2 over all B * N * d_s entries;
+      loss_focus = mean of R^2 over the tokens focus_idx[b, :] of every sample (focus_idx [B, K] long into 0..N-1;
+                   gather semantics: a repeated index counts twice), i.e. sum / (B * K * d_s).
+    With focus_idx None, loss_focus is a constant zero fp32 scalar (no graph). With B = 0 both are zero.
+    Gradients flow to f_s, weight and bias.
+    """
+    if f_t.dim() != 3 or f_s.dim() != 3 or f_t.shape[:2] != f_s.shape[:2]:
+        raise ValueError(f"f_t [B, N, d_t] and f_s [B, N, d_s] expected, got {tuple(f_t.shape)}, {tuple(f_s.shape)}")
+    if tuple(weight.shape) != (f_s.shape[2], f_t.shape[2]) or tuple(bias.shape) != (f_s.shape[2],):
+        raise ValueError(f"weight must be [d_s, d_t] = [{f_s.shape[2]}, {f_t.shape[2]}] and bias [{f_s.shape[2]}]")
+    r2 = (f_t.detach().float() @ weight.float().t() + bias.float() - f_s.float()).pow(2)  # [B, N, d_s]
+    loss_all = r2.sum() / max(r2.numel(), 1)
+    if focus_idx is None:
+        return loss_all, torch.zeros((), dtype=torch.float32, device=f_s.device)
+    if focus_idx.dim() != 2 or focus_idx.shape[0] != f_t.shape[0]:
+        raise ValueError(f"focus_idx must be [B, K], got {tuple(focus_idx.shape)}")
+    picked = r2.gather(1, focus_idx.long()[:, :, None].expand(-1, -1, r2.shape[2]))  # [B, K, d_s]
+    return loss_all, picked.sum() / max(picked.numel(), 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# logit KD
+
+
+def logit_kd_loss(h_s, w_s, h_t, w_t, kind="forward", temperature=1.0):
+    """Logit distillation over already selected rows (fp32 scalar).
+
+    h_s [N, d_s] and h_t [N, d_t] are the final normed hidden states of the same N positions, w_s [V, d_s] and
+    w_t [V, d_t] the lm_head weights. z = h @ w.T / temperature in fp32, p = softmax(z) over the full vocabulary.
+      kind="forward": mean over rows of KL(p_t || p_s) = sum_v p_t (log p_t - log p_s)
+      kind="reverse": mean over rows of KL(p_s || p_t) = sum_v p_s (log p_s - log p_t)
+    No T^2 factor. N = 0 gives a zero scalar that still backpropagates. Gradients flow to h_s and w_s only.
+    This materializes [N, V] fp32 logits of both models: it is the specification, not the fast path.
+    """
+    if kind not in ("forward", "reverse"):
+        raise ValueError(f"kind must be 'forward' or 'reverse', got {kind!r}")
+    if h_s.dim() != 2 or h_t.dim() != 2 or h_s.shape[0] != h_t.shape[0]:
+        raise ValueError(f"h_s [N, d_s] and h_t [N, d_t] expected, got {tuple(h_s.shape)}, {tuple(h_t.shape)}")
+    if w_s.shape[0] != w_t.shape[0]:
+        raise ValueError(f"student and teacher vocabularies differ: {w_s.shape[0]} vs {w_t.shape[0]}")
+    logp_s = F.log_softmax(h_s.float() @ w_s.float().t() / temperature, dim=-1)
+    with torch.no_grad():
+        logp_t = F.log_softmax(h_t.detach().float() @ w_t.detach().float().t() / temperature, dim=-1)
+    if kind == "forward":
+        per_row = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    else:
+        per_row = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+    return per_row.sum() / max(per_row.shape[0], 1)

@@ -6,7 +6,8 @@
 One readable loop: batch -> shared CLIP features -> student (grad) and teacher (no grad) forwards -> Align-KD losses
 (CE + logit KD + layer-0 text->vision attention + projector KD on all and on text-focused tokens) -> step.
 Checkpoints are written atomically in the official MobileVLM layout, with the adapters and the optimizer state,
-and `--resume` continues from the latest one with the same data order.
+and `--resume` continues from the latest one with the same data order. `--cache-teacher DIR` stores the teacher's
+part of the losses once (model/teacher_cache.py) and trains from it without the teacher.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from model import MobileVLM
 from model.master_weights import MasterWeights
 from model.lora import apply_lora, is_lora, lora_parameter_counts, merged_state_dict, trainable_state_dict
 from model.quantize import load_teacher, model_bytes
+from model.teacher_cache import (DEFAULT_SHARD_SIZE, CacheMismatch, IndexedCollator, IndexedDataset, TeacherCache,
+                                 build_cache, check_cache, make_manifest, teacher_fingerprint)
 
 log = logging.getLogger("alignkd")
 TERMS = ("loss", "ce", "logit", "attn", "proj_all", "proj_focus")
@@ -86,6 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (+ the projector)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of this run; --resume continues")
+    p.add_argument("--cache-teacher", metavar="DIR",
+                   help="store what the losses need from the teacher in DIR (one resumable pass over the data, with "
+                        "--teacher), then train from DIR without loading the teacher; a complete DIR is reused as "
+                        "is. --teacher may be left out when DIR is complete (its recorded teacher is used; given, "
+                        "it is checked). A DIR made with another teacher, tokenizer, data file, template, image mode "
+                        "or --max-len is refused. Size: see model/teacher_cache.py (~3-40 MB per sample at 7B shapes)")
+    p.add_argument("--cache-shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=argparse.SUPPRESS)
     p.add_argument("--demo-steps", type=int, default=40, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.projector_lr is None:
@@ -142,6 +152,53 @@ def vision_fingerprint(model: MobileVLM) -> tuple:
         flat = v.detach().float().flatten()
         out.append((k, tuple(v.shape), float(flat.sum()), float(flat[:: max(1, flat.numel() // 64)].sum())))
     return tuple(out)
+
+
+def resolve_quant(args: argparse.Namespace, device: torch.device) -> str:
+    return args.teacher_dtype if args.teacher_dtype != "auto" else ("nf4" if device.type == "cuda" else "bf16")
+
+
+def load_frozen_teacher(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tokenizer) -> MobileVLM:
+    quant = resolve_quant(args, device)
+    if not Path(args.teacher).is_dir():
+        raise SystemExit(f"error: teacher folder {args.teacher} does not exist")
+    teacher = load_teacher(args.teacher, quant, args.vision_tower, device, compute_dtype=dtype)
+    log.info(f"teacher: {quant}, {model_bytes(teacher) / 2**20:,.1f} MiB of weights")
+    t_tok = Path(args.teacher)
+    if (t_tok / "tokenizer.model").exists() or (t_tok / "tokenizer.json").exists():
+        if tokenizer_fingerprint(load_tokenizer(t_tok)) != tokenizer_fingerprint(tokenizer):
+            raise SystemExit("error: teacher and student tokenizers differ; logit KD needs one vocabulary")
+    return teacher
+
+
+def prepare_teacher_cache(args: argparse.Namespace, dataset, tokenizer, data_desc: tuple, device: torch.device,
+                          dtype: torch.dtype) -> TeacherCache:
+    """--cache-teacher DIR: refuse a cache made from something else, build what is missing (the teacher is loaded
+    for this pass only, then freed), and open it for reading."""
+    json_path, image_folder, template, image_mode = data_desc
+    teacher_id = teacher_fingerprint(args.teacher, resolve_quant(args, device), args.vision_tower) \
+        if args.teacher else None
+    expected = make_manifest(teacher_id, tokenizer_fingerprint(tokenizer), json_path, image_folder, template,
+                             image_mode, args.max_len, len(dataset), args.cache_shard_size, dtype)
+    try:
+        state = check_cache(args.cache_teacher, expected, check_quant=args.teacher_dtype != "auto")
+        if state != "complete":
+            if teacher_id is None:
+                raise SystemExit(f"error: teacher cache {args.cache_teacher} is {state}: pass --teacher to build it")
+            teacher = load_frozen_teacher(args, device, dtype, tokenizer)
+            teacher.enable_qk_capture()
+            with torch.random.fork_rng(devices=[]):  # the run's random state is the same with or without this pass
+                build_cache(args.cache_teacher, teacher, dataset, expected, args.batch_size, args.num_workers,
+                            tokenizer.pad_token_id)
+            del teacher
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        cache = TeacherCache(args.cache_teacher)
+    except CacheMismatch as e:
+        raise SystemExit(f"error: {e}") from None
+    log.info(f"teacher: not loaded; read from {args.cache_teacher}: {cache.describe()}"
+             + ("" if teacher_id else " (no --teacher: not checked against a teacher folder)"))
+    return cache
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------------
@@ -231,9 +288,11 @@ def main(argv: list[str] | None = None) -> dict:
     demo = args.subset == "demo"
     if demo:
         prepare_demo(args)
-    elif not args.student or (not args.teacher and not args.no_distill):
+    elif not args.student or (not args.teacher and not args.no_distill and not args.cache_teacher):
         raise SystemExit("error: --student and --teacher are required (or --no-distill without --teacher); "
                          "run with no arguments for the demo")
+    if args.cache_teacher and args.no_distill:
+        raise SystemExit("error: --cache-teacher stores a teacher for distillation; --no-distill uses none")
     for what, folder in (("student", args.student), ("teacher", None if args.no_distill else args.teacher),
                          ("tokenizer", args.tokenizer), ("vision tower", args.vision_tower)):
         if folder is not None and not Path(folder).is_dir():
@@ -252,20 +311,15 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = LLaVADataset(json_path, image_folder, tokenizer, template, image_mode, args.max_len,
                            cache_dir=out / "index_cache")
     log.info(f"data: {json_path} ({len(dataset)} records, template {template}, images {image_mode})")
+    cache = prepare_teacher_cache(args, dataset, tokenizer, (json_path, image_folder, template, image_mode), device,
+                                  dtype) if args.cache_teacher else None
 
     # models
     student = load_model(args.student, args, dtype, "student")
     teacher, shared_vision = None, False
-    if not args.no_distill:
-        quant = args.teacher_dtype if args.teacher_dtype != "auto" else ("nf4" if device.type == "cuda" else "bf16")
-        if not Path(args.teacher).is_dir():
-            raise SystemExit(f"error: teacher folder {args.teacher} does not exist")
-        teacher = load_teacher(args.teacher, quant, args.vision_tower, device, compute_dtype=dtype)
-        log.info(f"teacher: {quant}, {model_bytes(teacher) / 2**20:,.1f} MiB of weights")
-        t_tok = Path(args.teacher)
-        if (t_tok / "tokenizer.model").exists() or (t_tok / "tokenizer.json").exists():
-            if tokenizer_fingerprint(load_tokenizer(t_tok)) != tokenizer_fingerprint(tokenizer):
-                raise SystemExit("error: teacher and student tokenizers differ; logit KD needs one vocabulary")
+    distill = not args.no_distill  # from the live teacher, or from the cache
+    if distill and cache is None:
+        teacher = load_frozen_teacher(args, device, dtype, tokenizer)
         if student.vision_tower.vision_tower.config.to_dict() == teacher.vision_tower.vision_tower.config.to_dict() \
                 and vision_fingerprint(student) == vision_fingerprint(teacher):
             log.info("vision towers are identical: one CLIP forward feeds both models")
@@ -281,9 +335,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_checkpointing:
         student.enable_activation_checkpointing()
     student.train()
+    t_shape = cache or teacher or student  # heads and width of the teacher (the student's for the baseline)
     loss_fn = AlignKDLoss(
-        teacher_heads=teacher.num_heads if teacher else student.num_heads, student_heads=student.num_heads,
-        teacher_dim=teacher.hidden_size if teacher else student.hidden_size, student_dim=student.hidden_size,
+        teacher_heads=t_shape.num_heads, student_heads=student.num_heads,
+        teacher_dim=t_shape.hidden_size, student_dim=student.hidden_size,
         w_logit=args.w_logit, w_attn=args.w_attn, w_proj_all=args.w_proj_all, w_proj_focus=args.w_proj_focus,
         topk=args.topk, kl=args.kl, temperature=args.temperature, backend=args.backend).to(device)
 
@@ -293,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     llm_params = [p for p in student.parameters() if p.requires_grad and id(p) not in proj_ids]
     groups = [{"params": llm_params, "lr": args.lr},
               {"params": proj_params, "lr": args.projector_lr}]
-    if teacher is not None:
+    if distill:
         groups.append({"params": list(loss_fn.parameters()), "lr": args.projector_lr})
     use_masters = args.master_weights == "fp32" or (args.master_weights == "auto" and dtype != torch.float32
                                                          and not args.lora_r)
@@ -331,10 +386,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     def batches():
         nonlocal epoch, offset
+        # reading the cache needs each row's dataset index ("index" in the batch)
+        data, collate = ((IndexedDataset(dataset), IndexedCollator(tokenizer.pad_token_id)) if cache else
+                         (dataset, Collator(tokenizer.pad_token_id)))
         while True:
             sampler = EpochSampler(len(dataset), args.seed, epoch, offset)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                                                 collate_fn=Collator(tokenizer.pad_token_id),
+            loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler,
+                                                 collate_fn=collate,
                                                  num_workers=args.num_workers, persistent_workers=False)
             for batch in loader:
                 offset += args.batch_size
@@ -344,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     start_step = step
     stream = batches()
     log_file = open(out / "log.jsonl", "a")
-    pbar = tqdm(total=total, initial=step, desc="align-kd" if teacher else "fine-tune", dynamic_ncols=True)
+    pbar = tqdm(total=total, initial=step, desc="align-kd" if distill else "fine-tune", dynamic_ncols=True)
     history, t0, tokens = [], time.time(), 0
     def accumulate(sums: Counter) -> int:
         """Forward/backward of --grad-accum micro-batches; returns the number of real tokens."""
@@ -366,12 +424,14 @@ def main(argv: list[str] | None = None) -> dict:
                                text_mask=s.mm.text_mask, has_image=s.mm.has_image, vision_start=s.mm.vision_start)
             s_side = KDSide(s.hidden_states, student.lm_head.weight, s.q0, s.k0, s.mm.vision_tokens)
             t_side = None
-            if teacher is not None:
+            if cache is not None:  # the teacher's tensors of these samples, stored by --cache-teacher
+                t_side = cache.teacher_side(batch["index"], kd_batch, device, dtype)
+            elif teacher is not None:
                 with torch.no_grad():
                     t_feats = feats if shared_vision or feats is None else teacher.encode_images(images[has_image])
                     t = teacher(ids, mask, image_features=t_feats, compute_logits=False)
                 t_side = KDSide(t.hidden_states, teacher.lm_head.weight, t.q0, t.k0, t.mm.vision_tokens)
-            terms = loss_fn(s_side, t_side, kd_batch, distill=teacher is not None)
+            terms = loss_fn(s_side, t_side, kd_batch, distill=distill)
             (terms["loss"] / args.grad_accum).backward()
             for k in TERMS:
                 sums[k] += terms[k].detach().item() / args.grad_accum

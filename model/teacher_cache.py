@@ -1,0 +1,504 @@
+"""Teacher cache (`train_alignkd.py --cache-teacher DIR`): what the Align-KD losses need from the teacher, stored once.
+
+One pass runs the frozen teacher over the dataset and stores, per sample (keyed by dataset index), exactly the
+tensors `AlignKDLoss` reads from the teacher's `KDSide`; later runs (more epochs, ablations of weights/KL/topk/
+temperature) rebuild that `KDSide` from disk and never load the teacher. Nothing is approximated: the tensors are
+stored in the dtype the teacher produced them in (bf16 on CUDA, fp32 on CPU), so a run from the cache computes the
+same losses as a live teacher (tests/test_teacher_cache.py: every logged term within 1e-5 relative in fp32, measured
+<= 2e-6; the rest is the summation order of differently composed teacher batches).
+
+What is stored, and why it is enough (H teacher width, Ht heads, Hkv key/value heads, D head dim, n the sample's
+spliced length with the image as 144 tokens, right padding so positions do not depend on the batch):
+- logit KD: `hidden` [n_sup, H], the final normed hidden states at the supervised rows (rows i with
+  labels[i + 1] != -100, the only rows `AlignKDLoss` reads: `teacher.hidden[:, :-1][rows]`), plus the teacher's
+  lm_head weight [V, H] once per cache. Exact: the KD recomputes the full-vocabulary teacher softmax as a live
+  teacher does. Full logits would be 7.8x larger per row (32,000 vs 4,096 values); top-k logits (k = 64: ~384 B/row,
+  21x smaller) would make the forward/reverse KL an approximation, so they are not offered.
+- attention alignment + text focus: `q` [Ht, n_text, D], the layer-0 post-RoPE queries of the text rows (the text
+  after the image, the only query rows of the pair set E), and `k` [Hkv, n, D], the keys of every valid position
+  (P_t is a softmax over all causal keys, so every key up to the last text row is needed; the last text row is the
+  last valid token). Keys are stored before the GQA repeat and repeated on read. Samples without text after an
+  image have no pairs and store neither.
+- projection KD: `vision` [144, H], the teacher's projector outputs, for samples with an image.
+On read, `TeacherCache.teacher_side` scatters these into a batch-shaped `KDSide`: hidden [B, L, H] with zeros off the
+supervised rows, q0/k0 [B, Ht, L, D] with zeros off the text rows / past the valid length (the loss reads only text
+query rows, masks padded keys, and skips samples without pairs), vision tokens [B, 144, H] (zeros for text-only
+samples, which the loss ignores). Each sample's layout (length, supervised-row count, image start, text-row count)
+is checked against the batch, so a cache that does not fit the data fails loudly instead of training on garbage.
+
+Size (bf16, MobileVLM V2-7B teacher: H 4096, Ht = Hkv 32, D 128; `sample_bytes` computes it):
+    bytes per sample = 8,192 * n_sup                 hidden, every sample
+                     + 1,179,648                     vision tokens, samples with an image
+                     + 8,192 * (n_text + n)          q and k, samples with text after the image
+                     (+ ~400 B of safetensors header per sample)
+    - VQA-style v1 sample (image at 35, 18 text tokens after it, 3 supervised rows, n 197):   2,965,504 B (2.97 MB)
+    - ShareGPT4V-PT caption, plain (image at 1, 300-token caption, 300 supervised, n 445):    9,740,288 B (9.74 MB)
+    - longest v1 image sample (n 2,048, image at 35, 1,869 text rows, 1,000 supervised):      41,459,712 B (41.5 MB)
+    - text-only v1 sample (512 tokens, 256 supervised):                                         2,097,152 B (2.10 MB)
+    - once per cache: lm_head 32000 x 4096 bf16 = 262,144,000 B
+So the cache trades disk for GPU memory and teacher compute: it replaces 4.5 GB (NF4) / 14.1 GB (bf16) of teacher
+weights on the GPU (plus the teacher forward) by the 262 MB lm_head and one micro-batch of these tensors, but on disk
+it outgrows the 4.5 GB NF4 teacher after about 450-1,500 samples: 1.25M ShareGPT4V-PT captions would take ~12 TB.
+Use it for ablations and repeated epochs on subsets (10k samples: ~30-100 GB), not for a full 1-2M-sample stage.
+(The demo, fp32: 137,974 B per sample on disk, 13.4 MB for its 96 samples, 7.6x its 1.76 MB teacher; the lm_head
+plus its largest micro-batch of 4 are 0.86 MB.)
+
+Layout of DIR:
+    manifest.json          what the cache was made from (`make_manifest`); compared on open (`compare_manifests`)
+    lm_head.safetensors    the teacher's lm_head weight
+    shards/NNNNNNNN.safetensors   samples [s * shard_size, (s + 1) * shard_size): tensors "{index}/hidden|q|k|vision",
+                           metadata "samples" = JSON {index: {n, n_sup, vision_start, n_text} or {skip: reason}}
+    index.json             written last: the cache is complete (counts, bytes)
+Every file is written to a temporary name and renamed (atomic); a shard is written only when all its samples are
+done, so an interrupted build resumes at the first missing shard. Reading is by dataset index (safetensors reads one
+tensor without loading the shard), so the trainer's random order costs nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from data.constants import IGNORE_INDEX, NUM_IMAGE_TOKENS
+from data.dataset import Collator
+
+log = logging.getLogger("alignkd")
+
+FORMAT = "alignkd-teacher-cache"
+VERSION = 1
+DEFAULT_SHARD_SIZE = 64
+_WHOLE_FILE_LIMIT = 64 * 2**20  # weight files up to this size are hashed whole
+_WINDOWS, _WINDOW = 1024, 4096  # larger ones: 1024 windows of 4 KiB spread evenly, first and last included
+
+
+class CacheMismatch(Exception):
+    """The cache in DIR was made from something else (teacher, tokenizer, data, settings) or is damaged."""
+
+
+# ---- sizes -----------------------------------------------------------------------------------------------------------
+
+def sample_bytes(n: int, n_text: int, n_sup: int, has_image: bool, hidden: int = 4096, heads: int = 32,
+                 kv_heads: int = 32, head_dim: int = 128, element_size: int = 2) -> int:
+    """Tensor bytes one sample takes in the cache (defaults: the bf16 MobileVLM V2-7B teacher)."""
+    total = n_sup * hidden
+    if has_image:
+        total += NUM_IMAGE_TOKENS * hidden
+        if n_text:
+            total += heads * n_text * head_dim + kv_heads * n * head_dim
+    return total * element_size
+
+
+# ---- fingerprints and the manifest -----------------------------------------------------------------------------------
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    """name, size and a sha256 of the content: whole for small files, else 1024 evenly spaced 4 KiB windows (every
+    tensor larger than size/1024 bytes, ~14 MB for a 14 GB file, is sampled). Modification times are left out on
+    purpose: copying a checkpoint changes them, not its content."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _WHOLE_FILE_LIMIT:
+            h.update(f.read())
+        else:
+            for w in range(_WINDOWS):
+                f.seek((size - _WINDOW) * w // (_WINDOWS - 1))
+                h.update(f.read(_WINDOW))
+    return {"name": path.name, "size": size, "sha256_sampled": h.hexdigest()}
+
+
+def teacher_fingerprint(folder: str | Path, quant: str, vision_tower: str | Path | None = None) -> dict[str, Any]:
+    """The teacher's identity without loading it: config.json, weight-file fingerprints, quantization, and the CLIP
+    config folder if one was passed (it can change the tower's config)."""
+    from .checkpoint import weight_files  # noqa: PLC0415 - keep this module light to import
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    vt = None
+    if vision_tower is not None and (Path(vision_tower) / "config.json").is_file():
+        vt = hashlib.sha256((Path(vision_tower) / "config.json").read_bytes()).hexdigest()
+    return {"path": str(folder.resolve()), "config": config,
+            "weights": [file_fingerprint(f) for f in weight_files(folder)], "quant": quant,
+            "vision_tower_config": vt}
+
+
+def teacher_shapes(config: dict[str, Any]) -> dict[str, int]:
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    return {"hidden": hidden, "heads": heads, "kv_heads": int(config.get("num_key_value_heads") or heads),
+            "head_dim": int(config.get("head_dim") or hidden // heads), "vocab": int(config["vocab_size"])}
+
+
+def make_manifest(teacher: dict[str, Any] | None, tokenizer: str, json_path: str | Path, image_folder: str | Path,
+                  template: str, image_mode: str, max_len: int, num_samples: int,
+                  shard_size: int = DEFAULT_SHARD_SIZE, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """What a cache is made from. `teacher` is `teacher_fingerprint(...)` (None: not known, i.e. not checked);
+    `tokenizer` is `data.tokenizer_fingerprint(...)` of the tokenizer that tokenizes the data."""
+    st = Path(json_path).stat()
+    return {
+        "format": FORMAT, "version": VERSION,
+        "teacher": teacher,
+        "shapes": teacher_shapes(teacher["config"]) if teacher else None,
+        "tokenizer": tokenizer,
+        "data": {"path": str(Path(json_path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns},
+        "image_folder": str(Path(image_folder).resolve()),
+        "template": template, "image_mode": image_mode, "max_len": int(max_len), "num_samples": int(num_samples),
+        "shard_size": int(shard_size),
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+    }
+
+
+def _dict_diff(a: dict, b: dict, limit: int = 4) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    shown = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def compare_manifests(cached: dict[str, Any], expected: dict[str, Any], check_quant: bool = True) -> list[str]:
+    """Human-readable differences, cache -> this run ([] when they match). A None teacher in `expected` means the
+    run did not name one (the cache's teacher is used as is); `check_quant=False` accepts the cache's quantization
+    (the run asked for --teacher-dtype auto)."""
+    if cached.get("format") != FORMAT or cached.get("version") != VERSION:
+        return [f"cache format {cached.get('format')!r} version {cached.get('version')!r} (this alignkd reads "
+                f"{FORMAT!r} version {VERSION})"]
+    out = []
+    ct, et = cached.get("teacher") or {}, expected.get("teacher")
+    if et is not None:
+        if ct.get("config") != et["config"]:
+            out.append(f"teacher config ({_dict_diff(ct.get('config') or {}, et['config'])})")
+        cw = {w["name"]: w for w in ct.get("weights", [])}
+        ew = {w["name"]: w for w in et["weights"]}
+        if cw != ew:
+            what = []
+            for name in sorted(set(cw) | set(ew)):
+                a, b = cw.get(name), ew.get(name)
+                if a is None or b is None:
+                    what.append(f"{name} {'only in this teacher' if a is None else 'only in the cached teacher'}")
+                elif a["size"] != b["size"]:
+                    what.append(f"{name} size {a['size']:,} -> {b['size']:,} B")
+                elif a != b:
+                    what.append(f"{name} content differs (same size)")
+            out.append(f"teacher weights {ct.get('path')} -> {et['path']}: " + "; ".join(what))
+        if ct.get("vision_tower_config") != et.get("vision_tower_config"):
+            out.append("teacher vision tower config (--vision-tower)")
+        if check_quant and ct.get("quant") != et.get("quant"):
+            out.append(f"teacher quantization {ct.get('quant')} -> {et.get('quant')} (--teacher-dtype)")
+    if cached.get("tokenizer") != expected["tokenizer"]:
+        out.append(f"tokenizer (sha256 {str(cached.get('tokenizer'))[:12]}... -> {expected['tokenizer'][:12]}...)")
+    cd, ed = cached.get("data") or {}, expected["data"]
+    if cd != ed:
+        parts = []
+        if cd.get("path") != ed["path"]:
+            parts.append(f"path {cd.get('path')} -> {ed['path']}")
+        if cd.get("size") != ed["size"]:
+            parts.append(f"size {cd.get('size')} -> {ed['size']} B")
+        if cd.get("mtime_ns") != ed["mtime_ns"]:
+            parts.append("modification time")
+        out.append("data file (" + ", ".join(parts) + ")")
+    for key, what in (("image_folder", "image folder"), ("template", "template"), ("image_mode", "image mode"),
+                      ("max_len", "max_len"), ("num_samples", "number of samples")):
+        if cached.get(key) != expected[key]:
+            out.append(f"{what} {cached.get(key)!r} -> {expected[key]!r}")
+    return out
+
+
+# ---- dataset indices through the DataLoader --------------------------------------------------------------------------
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """The dataset with each sample's (or skip sentinel's) dataset index under "index"."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], "index": int(i)}
+
+
+class IndexedCollator(Collator):
+    """`Collator` plus "index" (dataset indices of the batch rows, in order) and "skipped_index" ({index: reason})."""
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        out = super().__call__(batch)
+        out["index"] = [s["index"] for s in batch if "skip" not in s]
+        out["skipped_index"] = {s["index"]: s["skip"] for s in batch if "skip" in s}
+        return out
+
+
+# ---- files -----------------------------------------------------------------------------------------------------------
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; make them like the rest of DIR
+    with open(tmp, "rb") as f:  # on disk before the rename makes it visible
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_path(folder: Path, shard: int) -> Path:
+    return Path(folder) / "shards" / f"{shard:08d}.safetensors"
+
+
+def write_shard(folder: Path, shard: int, records: dict[int, dict[str, Any]]) -> None:
+    """Write one complete shard: records {index: {"meta": {...}, "tensors": {name: tensor}}}."""
+    tensors = {f"{i}/{name}": t for i, r in records.items() for name, t in r.get("tensors", {}).items()}
+    meta = {str(i): r["meta"] for i, r in sorted(records.items())}
+    _save_safetensors(shard_path(folder, shard), tensors,
+                      {"format": FORMAT, "version": str(VERSION), "samples": json.dumps(meta)})
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheMismatch(f"teacher cache {folder}: manifest.json is not valid JSON ({e})") from None
+
+
+def missing_shards(folder: str | Path, manifest: dict[str, Any]) -> list[int]:
+    n, size = manifest["num_samples"], manifest["shard_size"]
+    return [s for s in range((n + size - 1) // size) if not shard_path(Path(folder), s).is_file()]
+
+
+def check_cache(folder: str | Path, expected: dict[str, Any], check_quant: bool = True) -> str:
+    """"empty" (nothing there yet), "partial" (a matching build to resume) or "complete"; raises CacheMismatch when
+    DIR holds a cache made from something else."""
+    folder = Path(folder)
+    cached = read_manifest(folder)
+    if cached is None:
+        if folder.is_dir() and any(folder.iterdir()):
+            raise CacheMismatch(f"{folder} is not empty and has no manifest.json: not a teacher cache (give an "
+                                f"empty or new folder)")
+        return "empty"
+    diffs = compare_manifests(cached, expected, check_quant)
+    if diffs:
+        raise CacheMismatch(f"teacher cache {folder} was made with another " + "; another ".join(diffs) +
+                            ". Use another --cache-teacher folder, or delete this one to rebuild it.")
+    if (folder / "index.json").is_file() and (folder / "lm_head.safetensors").is_file() \
+            and not missing_shards(folder, cached):
+        return "complete"
+    return "partial"
+
+
+# ---- building --------------------------------------------------------------------------------------------------------
+
+def _sample_record(t, b: int, kv_groups: int) -> dict[str, Any]:
+    """The cached tensors of batch row b of a teacher output `t` (a MobileVLMOutput made with labels)."""
+    mm = t.mm
+    n = int(mm.attention_mask[b].sum())
+    rows = (mm.labels[b, 1:] != IGNORE_INDEX).nonzero().flatten()
+    tensors = {"hidden": t.hidden_states[b].index_select(0, rows)}
+    has_image = bool(mm.has_image[b])
+    vs = int(mm.vision_start[b])
+    text = mm.text_mask[b].nonzero().flatten()
+    n_text = int(text.numel())
+    if n_text:
+        lo = vs + NUM_IMAGE_TOKENS
+        if int(text[0]) != lo or int(text[-1]) != n - 1 or n_text != n - lo:
+            raise RuntimeError(f"unexpected text rows {int(text[0])}..{int(text[-1])} for image at {vs}, length {n}")
+        tensors["q"] = t.q0[b, :, lo:n]
+        tensors["k"] = t.k0[b, ::kv_groups, :n]
+    if has_image:
+        tensors["vision"] = mm.vision_tokens[b]
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
+    meta = {"n": n, "n_sup": int(rows.numel()), "vision_start": vs, "n_text": n_text}
+    return {"meta": meta, "tensors": tensors}
+
+
+@torch.no_grad()
+def build_cache(folder: str | Path, teacher, dataset, manifest: dict[str, Any], batch_size: int,
+                num_workers: int = 0, pad_id: int = 0) -> None:
+    """Run the teacher (a MobileVLM with q/k capture) over every sample whose shard is missing and write the shards;
+    then index.json. Resumable: finished shards are kept. Uses its own RNG for the loader (the caller's global RNG
+    state is not consumed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cached = read_manifest(folder)
+    if cached is None:  # first: a folder with anything in it but no manifest is refused by check_cache
+        _atomic_json(folder / "manifest.json", manifest)
+        cached = manifest
+    (folder / "shards").mkdir(exist_ok=True)
+    for stale in list(folder.glob(".*.tmp-*")) + list((folder / "shards").glob(".*.tmp-*")):
+        stale.unlink()  # a write interrupted between save and rename
+    device = teacher.device
+    if not (folder / "lm_head.safetensors").is_file():
+        _save_safetensors(folder / "lm_head.safetensors",
+                          {"weight": teacher.lm_head.weight.detach().to("cpu").clone().contiguous()},
+                          {"format": FORMAT, "version": str(VERSION)})
+    n, size = cached["num_samples"], cached["shard_size"]
+    todo = missing_shards(folder, cached)
+    indices = [i for s in todo for i in range(s * size, min((s + 1) * size, n))]
+    want = {s: min((s + 1) * size, n) - s * size for s in todo}
+    kv_groups = teacher.num_heads // cached["shapes"]["kv_heads"]
+    if indices:
+        log.info(f"teacher cache {folder}: {len(indices):,} of {n:,} samples to compute ({len(todo)} shards)")
+        loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_size=batch_size, sampler=indices,
+                                             collate_fn=IndexedCollator(pad_id), num_workers=num_workers,
+                                             generator=torch.Generator().manual_seed(0))
+        pending: dict[int, dict[int, dict]] = {}
+        dtype = teacher.lm_head.weight.dtype
+        with tqdm(total=n, initial=n - len(indices), desc="teacher cache", dynamic_ncols=True) as pbar:
+            for batch in loader:
+                for i, reason in batch["skipped_index"].items():
+                    pending.setdefault(i // size, {})[i] = {"meta": {"skip": reason}}
+                if "input_ids" in batch:
+                    has_image = batch["has_image"].to(device)
+                    images = batch["images"].to(device, dtype)
+                    feats = teacher.encode_images(images[has_image]) if bool(has_image.any()) else None
+                    t = teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                labels=batch["labels"].to(device), image_features=feats, compute_logits=False)
+                    for b, i in enumerate(batch["index"]):
+                        pending.setdefault(i // size, {})[i] = _sample_record(t, b, kv_groups)
+                    del t
+                for s in [s for s, recs in pending.items() if len(recs) == want[s]]:
+                    write_shard(folder, s, pending.pop(s))
+                pbar.update(len(batch["index"]) + len(batch["skipped_index"]))
+        if pending:
+            raise RuntimeError(f"teacher cache build ended with unfinished shards {sorted(pending)}")
+    _write_index(folder, cached)
+
+
+def _write_index(folder: Path, manifest: dict[str, Any]) -> None:
+    from safetensors import safe_open  # noqa: PLC0415
+
+    n_shards = (manifest["num_samples"] + manifest["shard_size"] - 1) // manifest["shard_size"]
+    skipped, cached, shard_bytes = Counter(), 0, 0
+    for s in range(n_shards):
+        path = shard_path(folder, s)
+        shard_bytes += path.stat().st_size
+        with safe_open(str(path), framework="pt") as f:
+            for meta in json.loads(f.metadata()["samples"]).values():
+                if "skip" in meta:
+                    skipped[meta["skip"]] += 1
+                else:
+                    cached += 1
+    lm_bytes = (folder / "lm_head.safetensors").stat().st_size
+    _atomic_json(folder / "index.json", {
+        "format": FORMAT, "version": VERSION, "num_samples": manifest["num_samples"], "num_shards": n_shards,
+        "shard_size": manifest["shard_size"], "cached": cached, "skipped": dict(skipped),
+        "shard_bytes": shard_bytes, "lm_head_bytes": lm_bytes,
+        "bytes_per_cached_sample": shard_bytes / max(cached, 1)})
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------------
+
+class TeacherCache:
+    """A complete cache, read by dataset index. `teacher_side` gives the `KDSide` a live teacher would give."""
+
+    MAX_OPEN = 16  # open shard handles kept (safetensors reads one tensor at a time, memory-mapped)
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        if self.manifest is None or not (self.folder / "index.json").is_file():
+            raise CacheMismatch(f"teacher cache {self.folder} is not complete (no manifest.json or index.json)")
+        self.index = json.loads((self.folder / "index.json").read_text())
+        shapes = self.manifest["shapes"]
+        self.hidden_size, self.num_heads, self.kv_heads = shapes["hidden"], shapes["heads"], shapes["kv_heads"]
+        self.head_dim, self.shard_size = shapes["head_dim"], self.manifest["shard_size"]
+        self._handles: dict[int, tuple[Any, dict]] = {}
+        self._lm_head: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.manifest["num_samples"]
+
+    def describe(self) -> str:
+        ix = self.index
+        return (f"{ix['cached']:,} samples ({sum(ix['skipped'].values()):,} skipped), "
+                f"{ix['shard_bytes'] / 2**20:,.1f} MiB + lm_head {ix['lm_head_bytes'] / 2**20:,.1f} MiB, "
+                f"{ix['bytes_per_cached_sample'] / 2**10:,.1f} KiB/sample, teacher {self.manifest['teacher']['path']}"
+                f" ({self.manifest['teacher']['quant']}, {self.manifest['dtype']})")
+
+    def _shard(self, s: int):
+        from safetensors import safe_open  # noqa: PLC0415
+
+        if s not in self._handles:
+            path = shard_path(self.folder, s)
+            if not path.is_file():
+                raise CacheMismatch(f"teacher cache {self.folder}: shard {path.name} is missing")
+            if len(self._handles) >= self.MAX_OPEN:
+                self._handles.pop(next(iter(self._handles)))
+            f = safe_open(str(path), framework="pt")
+            self._handles[s] = (f, json.loads(f.metadata()["samples"]))
+        return self._handles[s]
+
+    def sample(self, i: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(meta, tensors on CPU) of dataset index i."""
+        f, metas = self._shard(i // self.shard_size)
+        meta = metas.get(str(i))
+        if meta is None:
+            raise CacheMismatch(f"teacher cache {self.folder} has no entry for sample {i}")
+        if "skip" in meta:
+            raise CacheMismatch(f"sample {i} was skipped ({meta['skip']}) when the teacher cache was built but is "
+                                f"in this batch: the data differ from the cache's")
+        names = ["hidden"] + (["vision"] if meta["vision_start"] >= 0 else []) + (["q", "k"] if meta["n_text"] else [])
+        return meta, {k: f.get_tensor(f"{i}/{k}") for k in names}
+
+    def lm_head(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if self._lm_head is None or self._lm_head.device != torch.device(device) or self._lm_head.dtype != dtype:
+            from safetensors.torch import load_file  # noqa: PLC0415
+
+            self._lm_head = load_file(str(self.folder / "lm_head.safetensors"))["weight"].to(device, dtype)
+        return self._lm_head
+
+    def teacher_side(self, indices: list[int], batch, device: torch.device, dtype: torch.dtype):
+        """The teacher's `KDSide` for the batch rows `indices` (dataset indices), laid out like `batch` (a KDBatch
+        of the spliced, right-padded sequence)."""
+        from kernels.alignkd_loss import KDSide  # noqa: PLC0415
+
+        B, L = batch.labels.shape
+        if len(indices) != B:
+            raise ValueError(f"{len(indices)} indices for a batch of {B}")
+        samples = [self.sample(int(i)) for i in indices]
+        hidden = torch.zeros(B, L, self.hidden_size, device=device, dtype=dtype)
+        vision = torch.zeros(B, NUM_IMAGE_TOKENS, self.hidden_size, device=device, dtype=dtype)
+        q0 = k0 = None
+        if any(m["n_text"] for m, _ in samples):
+            q0 = torch.zeros(B, self.num_heads, L, self.head_dim, device=device, dtype=dtype)
+            k0 = torch.zeros_like(q0)
+        sup = batch.labels[:, 1:] != IGNORE_INDEX
+        n_valid = batch.attention_mask.sum(1).tolist()
+        n_text = batch.text_mask.sum(1).tolist()
+        starts = batch.vision_start.tolist()
+        for b, (i, (meta, t)) in enumerate(zip(indices, samples)):
+            rows = sup[b].nonzero().flatten()
+            layout = (n_valid[b], int(rows.numel()), starts[b], n_text[b])
+            if layout != (meta["n"], meta["n_sup"], meta["vision_start"], meta["n_text"]):
+                cached = (meta["n"], meta["n_sup"], meta["vision_start"], meta["n_text"])
+                raise CacheMismatch(f"sample {i}: this batch has (length, supervised rows, image start, text rows) "
+                                    f"{layout}, the teacher cache {self.folder} has {cached}")
+            hidden[b].index_copy_(0, rows, t["hidden"].to(device, dtype))
+            if "vision" in t:
+                vision[b] = t["vision"].to(device, dtype)
+            if meta["n_text"]:
+                lo, n = meta["vision_start"] + NUM_IMAGE_TOKENS, meta["n"]
+                q0[b, :, lo:n] = t["q"].to(device, dtype)
+                k0[b, :, :n] = t["k"].to(device, dtype).repeat_interleave(self.num_heads // self.kv_heads, dim=0)
+        return KDSide(hidden, self.lm_head(device, dtype), q0, k0, vision)
+
+
+__all__ = ["CacheMismatch", "DEFAULT_SHARD_SIZE", "IndexedCollator", "IndexedDataset", "TeacherCache", "build_cache",
+           "check_cache", "compare_manifests", "file_fingerprint", "make_manifest", "sample_bytes",
+           "teacher_fingerprint", "write_shard"]

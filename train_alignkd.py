@@ -18,10 +18,8 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +114,7 @@ def prepare_demo(args: argparse.Namespace) -> None:
         make_synthetic_dataset(root, n=96, seed=0, kind="mixed")
     if not (root / "student" / "config.json").exists():
         student = MobileVLM.tiny(seed=2, vocab_size=vocab, hidden_size=64, num_heads=4, num_layers=2)
-        teacher = MobileVLM.tiny(seed=1, vocab_size=vocab, hidden_size=96, num_heads=6, num_layers=3)
+        teacher = MobileVLM.tiny(seed=1, vocab_size=vocab, hidden_size=128, num_heads=8, num_layers=3)
         # like MobileVLM V2-1.7B and -7B, both carry the same frozen CLIP
         teacher.vision_tower.load_state_dict(student.vision_tower.state_dict())
         teacher.save_pretrained(root / "teacher", tokenizer_dir=tok_dir)
@@ -280,6 +278,32 @@ def lr_lambda(total: int, warmup: int):
     return f
 
 
+def distill_forward(student: MobileVLM, teacher: MobileVLM | None, loss_fn: AlignKDLoss, batch: dict,
+                    device: torch.device, dtype: torch.dtype, shared_vision: bool = True, cache=None,
+                    distill: bool = True) -> dict[str, torch.Tensor]:
+    """One micro-batch: one CLIP forward, the student (with grad), the teacher (no grad; or its cached tensors),
+    and the Align-KD terms (nothing is backpropagated here)."""
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    images = batch["images"].to(device, dtype)
+    has_image = batch["has_image"].to(device)
+    feats = student.encode_images(images[has_image]) if bool(has_image.any()) else None
+    s = student(ids, mask, labels=labels, image_features=feats, compute_logits=False)
+    kd_batch = KDBatch(labels=s.mm.labels, attention_mask=s.mm.attention_mask, vision_mask=s.mm.vision_mask,
+                       text_mask=s.mm.text_mask, has_image=s.mm.has_image, vision_start=s.mm.vision_start)
+    s_side = KDSide(s.hidden_states, student.lm_head.weight, s.q0, s.k0, s.mm.vision_tokens)
+    t_side = None
+    if cache is not None:  # the teacher's tensors of these samples, stored by --cache-teacher
+        t_side = cache.teacher_side(batch["index"], kd_batch, device, dtype)
+    elif teacher is not None:
+        with torch.no_grad():
+            t_feats = feats if shared_vision or feats is None else teacher.encode_images(images[has_image])
+            t = teacher(ids, mask, image_features=t_feats, compute_logits=False)
+        t_side = KDSide(t.hidden_states, teacher.lm_head.weight, t.q0, t.k0, t.mm.vision_tokens)
+    return loss_fn(s_side, t_side, kd_batch, distill=distill)
+
+
 # ---- main -------------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> dict:
@@ -413,29 +437,11 @@ def main(argv: list[str] | None = None) -> dict:
             while "input_ids" not in batch:  # every sample of this batch was skipped
                 batch = next(stream)
                 skipped.update(batch["skipped"])
-            ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
-            labels = batch["labels"].to(device)
-            images = batch["images"].to(device, dtype)
-            has_image = batch["has_image"].to(device)
-            feats = student.encode_images(images[has_image]) if bool(has_image.any()) else None
-            s = student(ids, mask, labels=labels, image_features=feats, compute_logits=False)
-            kd_batch = KDBatch(labels=s.mm.labels, attention_mask=s.mm.attention_mask, vision_mask=s.mm.vision_mask,
-                               text_mask=s.mm.text_mask, has_image=s.mm.has_image, vision_start=s.mm.vision_start)
-            s_side = KDSide(s.hidden_states, student.lm_head.weight, s.q0, s.k0, s.mm.vision_tokens)
-            t_side = None
-            if cache is not None:  # the teacher's tensors of these samples, stored by --cache-teacher
-                t_side = cache.teacher_side(batch["index"], kd_batch, device, dtype)
-            elif teacher is not None:
-                with torch.no_grad():
-                    t_feats = feats if shared_vision or feats is None else teacher.encode_images(images[has_image])
-                    t = teacher(ids, mask, image_features=t_feats, compute_logits=False)
-                t_side = KDSide(t.hidden_states, teacher.lm_head.weight, t.q0, t.k0, t.mm.vision_tokens)
-            terms = loss_fn(s_side, t_side, kd_batch, distill=distill)
+            terms = distill_forward(student, teacher, loss_fn, batch, device, dtype, shared_vision, cache, distill)
             (terms["loss"] / args.grad_accum).backward()
             for k in TERMS:
                 sums[k] += terms[k].detach().item() / args.grad_accum
-            n_tokens += int(mask.sum())
+            n_tokens += int(batch["attention_mask"].sum())
         return n_tokens
 
     while step < total:

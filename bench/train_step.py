@@ -79,10 +79,10 @@ from bench._common import (  # noqa: E402
     teacher_config, tiny_configs, versions,
 )
 from data.constants import IGNORE_INDEX, NUM_IMAGE_TOKENS  # noqa: E402
-from kernels.alignkd_loss import AlignKDLoss, KDBatch, KDSide  # noqa: E402
+from kernels.alignkd_loss import AlignKDLoss  # noqa: E402
 from model.master_weights import MasterWeights  # noqa: E402
 from model.quantize import model_bytes, quantize_model  # noqa: E402
-from train_alignkd import TERMS, lr_lambda, make_optimizer, vision_fingerprint  # noqa: E402
+from train_alignkd import TERMS, distill_forward, lr_lambda, make_optimizer, vision_fingerprint  # noqa: E402
 
 CONFIGS = {
     "a": "this project's step (NF4 teacher, shared CLIP, fused losses, fp32 masters + 8-bit paged AdamW)",
@@ -212,22 +212,8 @@ def build_project_models(s_cfg, t_cfg, device, dtype, seed):
 
 
 def project_micro_step(student, teacher, loss_fn, batch, device, dtype, shared_vision=True) -> dict:
-    """The body of train_alignkd.main's accumulate() for one micro-batch (grad_accum 1), verbatim but for the loop."""
-    ids = batch["input_ids"].to(device)
-    mask = batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
-    images = batch["images"].to(device, dtype)
-    has_image = batch["has_image"].to(device)
-    feats = student.encode_images(images[has_image]) if bool(has_image.any()) else None
-    s = student(ids, mask, labels=labels, image_features=feats, compute_logits=False)
-    kd_batch = KDBatch(labels=s.mm.labels, attention_mask=s.mm.attention_mask, vision_mask=s.mm.vision_mask,
-                       text_mask=s.mm.text_mask, has_image=s.mm.has_image, vision_start=s.mm.vision_start)
-    s_side = KDSide(s.hidden_states, student.lm_head.weight, s.q0, s.k0, s.mm.vision_tokens)
-    with torch.no_grad():
-        t_feats = feats if shared_vision or feats is None else teacher.encode_images(images[has_image])
-        t = teacher(ids, mask, image_features=t_feats, compute_logits=False)
-    t_side = KDSide(t.hidden_states, teacher.lm_head.weight, t.q0, t.k0, t.mm.vision_tokens)
-    terms = loss_fn(s_side, t_side, kd_batch, distill=True)
+    """One micro-batch of train_alignkd (grad_accum 1): its own distill_forward, then backward."""
+    terms = distill_forward(student, teacher, loss_fn, batch, device, dtype, shared_vision)
     terms["loss"].backward()
     return {k: terms[k].detach().item() for k in TERMS}
 

@@ -108,7 +108,7 @@ def test_cache_made_with_another_teacher_tokenizer_or_data_is_refused(runs, tmp_
     base = _as_user(root, tmp_path / "out", "--cache-teacher", cache)
     # another teacher: same config, other weights
     other = MobileVLM.tiny(seed=7, vocab_size=load_tokenizer(root / "demo_assets" / "tokenizer").vocab_size,
-                           hidden_size=96, num_heads=6, num_layers=3)
+                           hidden_size=128, num_heads=8, num_layers=3)
     other.save_pretrained(tmp_path / "teacher2", tokenizer_dir=root / "demo_assets" / "tokenizer")
     with pytest.raises(SystemExit, match=r"another teacher weights .*pytorch_model.bin content differs"):
         train_alignkd.main(base + ["--teacher", str(tmp_path / "teacher2")])

@@ -42,6 +42,7 @@ from data.constants import IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS  # noqa: E402
 from model import MobileVLM, MobileVLMConfig  # noqa: E402
 from model.quantize import load_teacher, model_bytes, quantize_model  # noqa: E402
 from model.vision import OFFICIAL_CLIP_336  # noqa: E402
+from bench._common import random_model  # noqa: E402
 
 PROMPT = 35
 
@@ -50,26 +51,6 @@ def vicuna7b_config() -> MobileVLMConfig:
     return MobileVLMConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32000,
                            mm_hidden_size=1024, mm_vision_tower=OFFICIAL_CLIP_336, torch_dtype="bfloat16")
-
-
-@torch.no_grad()
-def random_model(config: MobileVLMConfig, device: str | torch.device, seed: int = 0,
-                 dtype: torch.dtype = torch.bfloat16) -> MobileVLM:
-    """Seeded N(0, 0.02) weights (the LLaMA initializer range), built directly on `device` in `dtype`."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = MobileVLM(config)
-    finally:
-        torch.set_default_dtype(old)
-    g = torch.Generator(device=device).manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
-            module.weight.normal_(0.0, 0.02, generator=g)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-    return model.requires_grad_(False).eval()
 
 
 def make_batch(vocab_size: int, B: int, L: int, seed: int = 0, prompt: int = PROMPT):

@@ -96,6 +96,18 @@ def _restore_buffers(model: nn.Module, device: torch.device | str) -> None:
                     raise RuntimeError(f"cannot rebuild buffer {name} of {type(module).__name__}")
 
 
+def _assign(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
+            device: str | torch.device) -> nn.Module:
+    """Put checked tensors into a meta-built model, rebuild its non-persistent buffers, move it, freeze CLIP."""
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    _restore_buffers(model, "cpu")
+    model.to(device)
+    model.model.vision_tower.requires_grad_(False)
+    return model
+
+
 def load_mobilevlm(cls, path: str | Path, vision_tower: str | Path | None = None,
                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Build a MobileVLM from an official checkpoint folder without materializing random weights first."""
@@ -116,13 +128,7 @@ def load_mobilevlm(cls, path: str | Path, vision_tower: str | Path | None = None
             continue
         state[from_official(key, nested)] = tensor
     _check_keys(expected, set(state), folder)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    _restore_buffers(model, "cpu")
-    model.to(device)
-    model.model.vision_tower.requires_grad_(False)
-    return model
+    return _assign(model, state, dtype, device)
 
 
 def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -217,10 +223,4 @@ def init_from_llm(cls, llm_path: str | Path, vision_tower: str | Path, dtype: to
     projector = LDPNetV2Projector(config.mm_hidden_size, config.hidden_size)
     state.update({"model.mm_projector." + k: v for k, v in projector.state_dict().items()})
     _check_keys(set(model.state_dict().keys()), set(state), llm)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    _restore_buffers(model, "cpu")
-    model.to(device)
-    model.model.vision_tower.requires_grad_(False)
-    return model
+    return _assign(model, state, dtype, device)

@@ -218,19 +218,24 @@ def load_model(path: str, dtype: str, vision_tower: str | None):
     return model.eval(), load_tokenizer(path)
 
 
-def demo(out: Path, batch_size: int) -> dict:
-    """All six benchmarks on synthetic data with a random tiny model: exercises everything, downloads nothing."""
+def demo(out: Path, batch_size: int, model_path: str | None = None) -> dict:
+    """All six benchmarks on synthetic data, downloads nothing: with a random tiny model, or with `model_path`
+    (e.g. the checkpoint `python train_alignkd.py` wrote)."""
     from data.synthetic import make_demo_tokenizer
     from data.synthetic_benchmarks import make_synthetic_benchmarks
     from data.tokenizer import load_tokenizer
     from model import MobileVLM
 
     root = make_synthetic_benchmarks(out / "data", n=8)
-    tokenizer = load_tokenizer(make_demo_tokenizer(out / "tokenizer"))
-    model = MobileVLM.tiny(seed=0, vocab_size=tokenizer.vocab_size).eval()
+    if model_path is None:
+        tokenizer = load_tokenizer(make_demo_tokenizer(out / "tokenizer"))
+        model, model_id = MobileVLM.tiny(seed=0, vocab_size=tokenizer.vocab_size).eval(), "tiny-demo"
+    else:
+        model, tokenizer = load_model(model_path, "fp32", None)
+        model_id = Path(model_path).name
     for f in list(out.glob("*.jsonl")) + [out / "metrics.json"]:
         f.unlink(missing_ok=True)  # a fresh run every time
-    return evaluate(list(BENCHMARKS), root, out, "tiny-demo", model, tokenizer, batch_size=batch_size,
+    return evaluate(list(BENCHMARKS), root, out, model_id, model, tokenizer, batch_size=batch_size,
                     max_new_tokens=16)
 
 
@@ -261,8 +266,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise SystemExit("pass --bench (or --compare)")
     if args.bench == "demo":
         out = args.out or Path("runs/eval/demo")
-        metrics = demo(out, args.batch_size)
-        print(format_table([("tiny-demo (random weights)", metrics["summary"])]))
+        metrics = demo(out, args.batch_size, args.model)
+        name = Path(args.model).name if args.model else "tiny-demo (random weights)"
+        print(format_table([(name, metrics["summary"])]))
         return metrics
     if args.data_root is None:
         raise SystemExit("pass --data-root DIR (LLaVA's playground/data/eval layout)")

@@ -189,3 +189,18 @@ def test_cli_runs_a_saved_checkpoint(synthetic_root, tiny_and_tokenizer, tmp_pat
     # the loaded checkpoint answers as the in-memory model does
     ev.evaluate(["pope"], synthetic_root, tmp_path / "mem", "tiny", model, tok, limit=5, max_new_tokens=3)
     assert [r["text"] for r in lines] == [r["text"] for r in _lines(tmp_path / "mem/pope.jsonl")]
+
+
+def test_demo_with_a_trained_checkpoint(tiny_and_tokenizer, tmp_path):
+    """`--bench demo --model DIR` evaluates that checkpoint (e.g. the training demo's) instead of a random model."""
+    from model import MobileVLM
+
+    _, tok = tiny_and_tokenizer
+    model = MobileVLM.tiny(seed=5, vocab_size=tok.vocab_size)  # not the demo's random model (seed 0)
+    model.save_pretrained(tmp_path / "ckpt", tokenizer_dir=tok.path.parent)
+    m = ev.main(["--bench", "demo", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a")])
+    r = ev.main(["--bench", "demo", "--out", str(tmp_path / "b")])
+    assert set(m["summary"]) == set(BENCHMARKS)
+    ours = [x["text"] for b in BENCHMARKS for x in _lines(tmp_path / "a" / f"{b}.jsonl")]
+    random = [x["text"] for b in BENCHMARKS for x in _lines(tmp_path / "b" / f"{b}.jsonl")]
+    assert ours != random and r["summary"].keys() == m["summary"].keys()

@@ -143,13 +143,13 @@ def load_model(path: str, args: argparse.Namespace, dtype: torch.dtype, what: st
     return MobileVLM.from_pretrained(folder, vision_tower=args.vision_tower, dtype=dtype, device=args.device)
 
 
-def vision_fingerprint(model: MobileVLM) -> tuple:
-    """Cheap exact identity of the frozen CLIP weights (shapes + sums + a strided sample of every tensor)."""
-    out = []
-    for k, v in model.vision_tower.state_dict().items():
-        flat = v.detach().float().flatten()
-        out.append((k, tuple(v.shape), float(flat.sum()), float(flat[:: max(1, flat.numel() // 64)].sum())))
-    return tuple(out)
+def same_vision_tower(a: MobileVLM, b: MobileVLM) -> bool:
+    """Whether two models carry the same CLIP: same config and bit-identical weights (compared on the device)."""
+    if a.vision_tower.vision_tower.config.to_dict() != b.vision_tower.vision_tower.config.to_dict():
+        return False
+    sa, sb = a.vision_tower.state_dict(), b.vision_tower.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device, sa[k].dtype)) for k in sa)
 
 
 def resolve_quant(args: argparse.Namespace, device: torch.device) -> str:
@@ -344,8 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     distill = not args.no_distill  # from the live teacher, or from the cache
     if distill and cache is None:
         teacher = load_frozen_teacher(args, device, dtype, tokenizer)
-        if student.vision_tower.vision_tower.config.to_dict() == teacher.vision_tower.vision_tower.config.to_dict() \
-                and vision_fingerprint(student) == vision_fingerprint(teacher):
+        if same_vision_tower(student, teacher):
             log.info("vision towers are identical: one CLIP forward feeds both models")
             teacher.model.vision_tower = student.model.vision_tower
             shared_vision = True

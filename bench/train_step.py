@@ -15,7 +15,7 @@ One step = one micro-batch forward + backward + gradient clipping + optimizer st
 Configurations (all in one run, on the same GPU):
  (a) this project's step, the code path of train_alignkd.py: NF4 double-quant teacher made from the in-memory bf16
      model with model.quantize.quantize_model (bf16 copy freed), one CLIP shared by both models (checked with the
-     trainer's vision_fingerprint), bf16 student with activation checkpointing, layer-0 q/k capture, SDPA in every
+     trainer's same_vision_tower), bf16 student with activation checkpointing, layer-0 q/k capture, SDPA in every
      layer, AlignKDLoss(backend="auto": Triton attention-alignment / projection kernels, Liger chunked CE + KL),
      the trainer's parameter groups, fp32 master weights of the bf16 student stepped in chunks (model.master_weights;
      --master-weights auto/fp32/none as the trainer's flag), bitsandbytes PagedAdamW8bit from the trainer's
@@ -82,7 +82,7 @@ from data.constants import IGNORE_INDEX, NUM_IMAGE_TOKENS  # noqa: E402
 from kernels.alignkd_loss import AlignKDLoss  # noqa: E402
 from model.master_weights import MasterWeights  # noqa: E402
 from model.quantize import model_bytes, quantize_model  # noqa: E402
-from train_alignkd import TERMS, distill_forward, lr_lambda, make_optimizer, vision_fingerprint  # noqa: E402
+from train_alignkd import TERMS, distill_forward, lr_lambda, make_optimizer, same_vision_tower  # noqa: E402
 
 CONFIGS = {
     "a": "this project's step (NF4 teacher, shared CLIP, fused losses, fp32 masters + 8-bit paged AdamW)",
@@ -191,7 +191,7 @@ def build_project_models(s_cfg, t_cfg, device, dtype, seed):
     student = random_model(s_cfg, device, seed + 1, dtype)
     # MobileVLM V2-1.7B and -7B carry the same frozen CLIP; the trainer checks it and keeps one copy
     student.vision_tower.load_state_dict(teacher.vision_tower.state_dict())
-    if vision_fingerprint(student) != vision_fingerprint(teacher):
+    if not same_vision_tower(student, teacher):
         raise RuntimeError("vision towers differ after copying the weights")
     teacher.model.vision_tower = student.model.vision_tower
     flush(device)

@@ -75,3 +75,14 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no complete checkpoint"):
         train_alignkd.main(["--output-dir", str(tmp_path), "--demo-steps", "2", "--resume", *FAST])
+
+
+def test_vision_towers_are_shared_only_when_bit_identical():
+    a = MobileVLM.tiny(seed=1)
+    b = MobileVLM.tiny(seed=2, hidden_size=128, num_heads=8)
+    assert not train_alignkd.same_vision_tower(a, b)
+    b.vision_tower.load_state_dict(a.vision_tower.state_dict())
+    assert train_alignkd.same_vision_tower(a, b)
+    with torch.no_grad():
+        b.vision_tower.vision_tower.encoder.layers[0].mlp.fc1.bias[3] += 1e-6
+    assert not train_alignkd.same_vision_tower(a, b)

@@ -161,7 +161,8 @@ def load_frozen_teacher(args: argparse.Namespace, device: torch.device, dtype: t
     if not Path(args.teacher).is_dir():
         raise SystemExit(f"error: teacher folder {args.teacher} does not exist")
     teacher = load_teacher(args.teacher, quant, args.vision_tower, device, compute_dtype=dtype)
-    log.info(f"teacher: {quant}, {model_bytes(teacher) / 2**20:,.1f} MiB of weights")
+    log.info(f"teacher: {quant if quant == 'nf4' else str(dtype).removeprefix('torch.')}, "
+             f"{model_bytes(teacher) / 2**20:,.1f} MiB of weights")
     t_tok = Path(args.teacher)
     if (t_tok / "tokenizer.model").exists() or (t_tok / "tokenizer.json").exists():
         if tokenizer_fingerprint(load_tokenizer(t_tok)) != tokenizer_fingerprint(tokenizer):

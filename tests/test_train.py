@@ -86,3 +86,29 @@ def test_vision_towers_are_shared_only_when_bit_identical():
     with torch.no_grad():
         b.vision_tower.vision_tower.encoder.layers[0].mlp.fc1.bias[3] += 1e-6
     assert not train_alignkd.same_vision_tower(a, b)
+
+
+def test_attention_term_trains_the_students_layer0_q_and_k_in_a_real_forward():
+    """Defect D2 of the original: its attention loss had zero gradient. Here, through real tiny models with
+    activation checkpointing, the attention term alone moves layer 0's q/k projections (and nothing deeper)."""
+    from kernels.alignkd_loss import AlignKDLoss
+
+    student, teacher = MobileVLM.tiny(seed=1).train(), MobileVLM.tiny(seed=2, hidden_size=128, num_heads=8).eval()
+    teacher.vision_tower.load_state_dict(student.vision_tower.state_dict())
+    student.enable_activation_checkpointing()
+    student.enable_qk_capture(), teacher.enable_qk_capture()
+    loss_fn = AlignKDLoss(8, 4, 128, 64, w_logit=0.0, w_proj_all=0.0, w_proj_focus=0.0, backend="reference")
+    IMG = -200
+    ids = torch.tensor([[1, 5, 6, IMG, 7, 8, 9, 10], [1, IMG, 11, 12, 13, 0, 0, 0]])
+    mask = ids != 0
+    labels = torch.full_like(ids, -100)  # nothing supervised: CE is an exact 0, the loss is the attention term
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": torch.randn(2, 3, 336, 336),
+             "has_image": torch.tensor([True, True])}
+    terms = train_alignkd.distill_forward(student, teacher, loss_fn, batch, torch.device("cpu"), torch.float32)
+    assert terms["attn"] > 0 and terms["ce"] == 0 and terms["loss"] == terms["attn"]
+    terms["loss"].backward()
+    attn0 = student.model.layers[0].self_attn
+    assert attn0.q_proj.weight.grad.abs().sum() > 0 and attn0.k_proj.weight.grad.abs().sum() > 0
+    deeper = student.model.layers[1].self_attn.q_proj.weight.grad
+    assert deeper is None or not deeper.any()
+    assert loss_fn.attn_weight.grad.abs().sum() > 0

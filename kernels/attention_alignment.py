@@ -44,6 +44,21 @@ __all__ = ["attention_alignment_triton", "text_focus_triton"]
 
 
 @triton.jit
+def _teacher_probs(QT, KT, LSE_T, b, ht, rows, cols, offs_r, offs_dt, rmask, cmask, dtm, p_mask,
+                   sqt_b, sqt_h, sqt_l, sqt_d, skt_b, skt_h, skt_l, skt_d, slt_b, slt_h, qk_t,
+                   PREC_T: tl.constexpr, UPCAST: tl.constexpr):
+    """Teacher head ht's probabilities on a (text rows x vision columns) block, from its row log-sum-exps
+    (base 2), zero outside the pair set: rebuilt on demand instead of stored."""
+    qt = tl.load(QT + b * sqt_b + ht * sqt_h + rows[:, None] * sqt_l + offs_dt[None, :] * sqt_d,
+                 mask=rmask[:, None] & dtm[None, :], other=0.0)
+    kt = tl.load(KT + b * skt_b + ht * skt_h + cols[:, None] * skt_l + offs_dt[None, :] * skt_d,
+                 mask=cmask[:, None] & dtm[None, :], other=0.0)
+    lse_t = tl.load(LSE_T + b * slt_b + ht * slt_h + offs_r, mask=rmask, other=float("inf"))
+    s = _dot(qt, tl.trans(kt), PREC_T, UPCAST) * qk_t
+    return tl.where(p_mask, tl.exp2(s - lse_t[:, None]), 0.0)
+
+
+@triton.jit
 def _align_kernel(
     QT, KT, QS, KS, LSE_T, LSE_S, TIDX, VIDX, NTEXT, CVX, KVALID, W, BIAS, COEF,
     LOSS_P, DB_P, DW_P, FOC_P, DELTA, DQ, DKV,
@@ -103,13 +118,9 @@ def _align_kernel(
         acc3 = tl.zeros((HS_G, BLOCK_M, BLOCK_N), tl.float32)
         fcol = tl.zeros((BLOCK_N,), tl.float32)
         for ht in range(0, HT):
-            qt = tl.load(QT + b * sqt_b + ht * sqt_h + rows[:, None] * sqt_l + offs_dt[None, :] * sqt_d,
-                         mask=rmask[:, None] & dtm[None, :], other=0.0)
-            kt = tl.load(KT + b * skt_b + ht * skt_h + cols[:, None] * skt_l + offs_dt[None, :] * skt_d,
-                         mask=cmask[:, None] & dtm[None, :], other=0.0)
-            lse_t = tl.load(LSE_T + b * slt_b + ht * slt_h + offs_r, mask=rmask, other=float("inf"))
-            s = _dot(qt, tl.trans(kt), PREC_T, UPCAST) * qk_t
-            p = tl.where(p_mask, tl.exp2(s - lse_t[:, None]), 0.0)
+            p = _teacher_probs(QT, KT, LSE_T, b, ht, rows, cols, offs_r, offs_dt, rmask, cmask, dtm, p_mask,
+                               sqt_b, sqt_h, sqt_l, sqt_d, skt_b, skt_h, skt_l, skt_d, slt_b, slt_h, qk_t,
+                               PREC_T, UPCAST)
             if NEED_LOSS:
                 w = tl.load(W + hs_vec * sw_o + ht * sw_i, mask=hmask, other=0.0).to(tl.float32)
                 acc3 += w[:, None, None] * p[None, :, :]
@@ -154,13 +165,9 @@ def _align_kernel(
             if NEED_DW:
                 # ---- second teacher sweep: dW[hs, ht] = sum over E of diff[hs] * P_t[ht]
                 for ht in range(0, HT):
-                    qt = tl.load(QT + b * sqt_b + ht * sqt_h + rows[:, None] * sqt_l + offs_dt[None, :] * sqt_d,
-                                 mask=rmask[:, None] & dtm[None, :], other=0.0)
-                    kt = tl.load(KT + b * skt_b + ht * skt_h + cols[:, None] * skt_l + offs_dt[None, :] * skt_d,
-                                 mask=cmask[:, None] & dtm[None, :], other=0.0)
-                    lse_t = tl.load(LSE_T + b * slt_b + ht * slt_h + offs_r, mask=rmask, other=float("inf"))
-                    s = _dot(qt, tl.trans(kt), PREC_T, UPCAST) * qk_t
-                    p = tl.where(p_mask, tl.exp2(s - lse_t[:, None]), 0.0)
+                    p = _teacher_probs(QT, KT, LSE_T, b, ht, rows, cols, offs_r, offs_dt, rmask, cmask, dtm,
+                                       p_mask, sqt_b, sqt_h, sqt_l, sqt_d, skt_b, skt_h, skt_l, skt_d, slt_b,
+                                       slt_h, qk_t, PREC_T, UPCAST)
                     contrib = tl.sum(tl.sum(acc3 * p[None, :, :], 2), 1)  # [HS_G]
                     dw_acc += tl.where(offs_ht[None, :] == ht, contrib[:, None], 0.0)
 

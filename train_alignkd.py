@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--teacher), then train from DIR without loading the teacher; a complete DIR is reused as "
                         "is. --teacher may be left out when DIR is complete (its recorded teacher is used; given, "
                         "it is checked). A DIR made with another teacher, tokenizer, data file, template, image mode "
-                        "or --max-len is refused. Size: see model/teacher_cache.py (~3-40 MB per sample at 7B shapes)")
+                        "or --max-len is refused. Size: see model/teacher_cache.py (~2.5-26 MB per sample at 7B shapes)")
     p.add_argument("--cache-shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=argparse.SUPPRESS)
     p.add_argument("--demo-steps", type=int, default=40, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

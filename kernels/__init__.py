@@ -3,10 +3,13 @@
     attention_alignment_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None) -> scalar
     attention_alignment_and_focus(...same...) -> (scalar, [B, L] fp32)
     text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None) -> [B, L] float32
+    attention_row_lse(q, k, row_mask, attention_mask=None) -> [B, H, L] float32
     projection_kd_loss(f_t, f_s, weight, bias, focus_idx=None) -> (loss_all, loss_focus)
     logit_kd_loss(h_s, w_s, h_t, w_t, kind="forward", temperature=1.0) -> scalar
 
 Each takes a keyword ``backend="auto"|"triton"|"reference"`` (env ``ALIGNKD_BACKEND``); see ``kernels.dispatch``.
+The attention functions also take ``teacher_lse=`` (the teacher's ``attention_row_lse``): then only the vision columns
+of k_t are read, which is what the teacher cache stores.
 ``kernels.reference`` holds the same names in plain PyTorch (the specification); ``kernels.alignkd_loss`` the
 ``AlignKDLoss`` module with the trainable adapters.
 
@@ -31,6 +34,7 @@ from .dispatch import (
     BACKENDS,
     attention_alignment_and_focus,
     attention_alignment_loss,
+    attention_row_lse,
     chunked_cross_entropy,
     fused_logit_kd_and_ce,
     logit_kd_loss,
@@ -45,6 +49,7 @@ __all__ = [
     "BACKENDS",
     "attention_alignment_and_focus",
     "attention_alignment_loss",
+    "attention_row_lse",
     "chunked_cross_entropy",
     "fused_logit_kd_and_ce",
     "logit_kd_loss",

@@ -27,6 +27,7 @@ for logging (the Liger pass returns CE and KD only as parts of one differentiabl
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,7 @@ class KDSide:
     q0: torch.Tensor | None  # [B, heads, L, D] layer-0 post-RoPE queries
     k0: torch.Tensor | None  # [B, heads, L, D] layer-0 post-RoPE keys, repeated to the query heads
     vision_tokens: torch.Tensor | None  # [B, 144, H] projector outputs (rows of text-only samples are ignored)
+    lse0: torch.Tensor | None = None  # [B, heads, L] layer-0 row LSEs (teacher cache: k0 then only at vision columns)
 
 
 @dataclass
@@ -148,21 +150,18 @@ class AlignKDLoss(nn.Module):
         q_s, k_s = student.q0, student.k0
         if not bool(has_pairs.any()):
             return _zero(q_s, k_s, w, b), None, has_focus
-        q_t, k_t = teacher.q0.detach(), teacher.k0.detach()
+        q_t, k_t, lse_t = teacher.q0.detach(), teacher.k0.detach(), teacher.lse0
         if not bool(has_pairs.all()):  # only the samples that have pairs (the others add nothing to sum or count)
             sel = has_pairs.nonzero().squeeze(1)
             q_t, k_t, q_s, k_s = (x.index_select(0, sel) for x in (q_t, k_t, q_s, k_s))
+            lse_t = lse_t.index_select(0, sel) if lse_t is not None else None
             tm, vm = tm[sel], vm[sel]
             am = am[sel] if am is not None else None
         else:
             sel = None
-        if self.w_attn != 0.0:
+        with contextlib.nullcontext() if self.w_attn != 0.0 else torch.no_grad():  # w_attn 0: reported only, no grads
             attn, focus = dispatch.attention_alignment_and_focus(q_t, k_t, q_s, k_s, tm, vm, w, b, am,
-                                                                 backend=self.backend)
-        else:  # reported only: no gradient work
-            with torch.no_grad():
-                attn, focus = dispatch.attention_alignment_and_focus(q_t, k_t, q_s, k_s, tm, vm, w, b, am,
-                                                                     backend=self.backend)
+                                                                 teacher_lse=lse_t, backend=self.backend)
         focus = focus.detach()
         if sel is not None:  # back to the whole batch (samples without pairs: F = 0)
             focus = focus.new_zeros(batch.labels.shape[0], focus.shape[1]).index_copy_(0, sel, focus)

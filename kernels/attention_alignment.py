@@ -32,6 +32,7 @@ in registers to avoid a dq scratch buffer; ``bench/kernels.py --sweep`` times th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -40,7 +41,7 @@ import triton.language as tl
 
 from ._lse import INTERPRET, LOG2E, Compact, _dot, build_compact, dot_precision, pick_config, pow2, row_lse
 
-__all__ = ["attention_alignment_triton", "text_focus_triton"]
+__all__ = ["attention_alignment_triton", "attention_row_lse_triton", "text_focus_triton"]
 
 
 @triton.jit
@@ -288,8 +289,19 @@ def _check(q, k, name):
         raise ValueError(f"{name}: q and k dtypes differ ({q.dtype}, {k.dtype})")
 
 
-def _run(q_t, k_t, q_s, k_s, comp: Compact, weight, bias, need_loss, need_focus, need_dq, need_dk, need_dw):
-    """Launch passes 1-3. Returns dict with loss (sum, unnormalized), focus, grads (already scaled by 2/N)."""
+def _compact_lse(lse: torch.Tensor, comp: Compact) -> torch.Tensor:
+    """A given [B, H, L] natural-log LSE in the kernels' layout: [B, H, NT] log2 domain, +inf where no mass."""
+    B, H, _ = lse.shape
+    nt = max(comp.nt_max, 1)
+    rows = comp.tidx[:, None, :nt].long().expand(B, H, nt)
+    out = lse.float().gather(2, rows) * LOG2E
+    return torch.where(torch.isfinite(out), out, torch.full_like(out, float("inf"))).contiguous()
+
+
+def _run(q_t, k_t, q_s, k_s, comp: Compact, weight, bias, need_loss, need_focus, need_dq, need_dk, need_dw,
+         teacher_lse=None):
+    """Launch passes 1-3. Returns dict with loss (sum, unnormalized), focus, grads (already scaled by 2/N).
+    With teacher_lse ([B, Ht, L]) the teacher's pass 1 is skipped and k_t is read at the vision columns only."""
     B, HT, L, DT = q_t.shape
     dev = q_t.device
     out = {}
@@ -304,7 +316,7 @@ def _run(q_t, k_t, q_s, k_s, comp: Compact, weight, bias, need_loss, need_focus,
     f32 = dict(dtype=torch.float32, device=dev)
     need_grad_qk = need_dq or need_dk
 
-    lse_t = row_lse(q_t, k_t, comp, cfg)
+    lse_t = row_lse(q_t, k_t, comp, cfg) if teacher_lse is None else _compact_lse(teacher_lse, comp)
     if need_loss:
         lse_s = row_lse(q_s, k_s, comp, cfg)
         loss_p = torch.zeros(B, max(n_mb, 1), hsp, **f32)
@@ -375,10 +387,10 @@ class _AttentionAlignment(torch.autograd.Function):
     """Differentiable in q_s, k_s, weight, bias; the teacher (q_t, k_t) is constant. Outputs (loss, focus)."""
 
     @staticmethod
-    def forward(ctx, q_s, k_s, weight, bias, q_t, k_t, comp, need_focus):
+    def forward(ctx, q_s, k_s, weight, bias, q_t, k_t, comp, need_focus, teacher_lse):
         need = ctx.needs_input_grad
         res = _run(q_t, k_t, q_s, k_s, comp, weight, bias, True, need_focus,
-                   need_dq=need[0], need_dk=need[1], need_dw=need[2])
+                   need_dq=need[0], need_dk=need[1], need_dw=need[2], teacher_lse=teacher_lse)
         ctx.grads = (res.get("dq"), res.get("dk"),
                      res["dw"].to(weight.dtype) if need[2] else None,
                      res["db"].to(bias.dtype) if need[3] else None)
@@ -395,7 +407,7 @@ class _AttentionAlignment(torch.autograd.Function):
         # the gradients were computed in forward for an upstream gradient of 1; scale them in place (no copies)
         grads = tuple(None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _cast_pair(q, k):
@@ -405,29 +417,32 @@ def _cast_pair(q, k):
 
 
 def attention_alignment_triton(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None,
-                               need_focus=False, need_loss=True):
+                               need_focus=False, need_loss=True, teacher_lse=None):
     """Fused L_attn (and optionally the text focus) -> (loss or None, focus [B, L] fp32 or None).
 
-    q/k: [B, H, L, D] (k repeated to q's heads), bf16/fp16/fp32; masks bool [B, L]; weight [Hs, Ht]; bias [Hs].
+    q/k: [B, H, L, D] (k repeated to q's heads), bf16/fp16/fp32; masks bool [B, L]; weight [Hs, Ht]; bias [Hs];
+    teacher_lse: optional [B, Ht, L] natural-log row LSEs of the teacher (``kernels.reference`` docstring).
     """
     if q_t.is_cuda:  # triton launches on the current device
         with torch.cuda.device(q_t.device):
             return _attention_alignment(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask,
-                                        need_focus, need_loss)
+                                        need_focus, need_loss, teacher_lse)
     return _attention_alignment(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask,
-                                need_focus, need_loss)
+                                need_focus, need_loss, teacher_lse)
 
 
 def _attention_alignment(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask, need_focus,
-                         need_loss):
+                         need_loss, teacher_lse):
     _check(q_t, k_t, "teacher")
     q_t, k_t = _cast_pair(q_t.detach(), k_t.detach())
     if not need_loss and not need_focus:
         return None, None
+    if teacher_lse is not None and tuple(teacher_lse.shape) != tuple(q_t.shape[:3]):
+        raise ValueError(f"teacher_lse must be [B, Ht, L] = {list(q_t.shape[:3])}, got {list(teacher_lse.shape)}")
     comp = build_compact(text_mask, vision_mask, attention_mask)
     if not need_loss:
         with torch.no_grad():
-            res = _run(q_t, k_t, None, None, comp, None, None, False, True, False, False, False)
+            res = _run(q_t, k_t, None, None, comp, None, None, False, True, False, False, False, teacher_lse)
         return None, res["focus"]
     _check(q_s, k_s, "student")
     if q_s.shape[0] != q_t.shape[0] or q_s.shape[2] != q_t.shape[2]:
@@ -436,11 +451,29 @@ def _attention_alignment(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bia
         raise ValueError(f"adapter shapes: weight must be [Hs, Ht], bias [Hs]; got {tuple(weight.shape)}, "
                          f"{tuple(bias.shape)}")
     q_s, k_s = _cast_pair(q_s, k_s)
-    loss, focus = _AttentionAlignment.apply(q_s, k_s, weight, bias, q_t, k_t, comp, need_focus)
+    loss, focus = _AttentionAlignment.apply(q_s, k_s, weight, bias, q_t, k_t, comp, need_focus, teacher_lse)
     return loss, (focus if need_focus else None)
 
 
-def text_focus_triton(q_t, k_t, text_mask, vision_mask, attention_mask=None):
+def text_focus_triton(q_t, k_t, text_mask, vision_mask, attention_mask=None, teacher_lse=None):
     """Text focus F [B, L] fp32 (design.md section 4) from the teacher's layer-0 q/k, without the attention map."""
     return attention_alignment_triton(q_t, k_t, None, None, text_mask, vision_mask, None, None, attention_mask,
-                                      need_focus=True, need_loss=False)[1]
+                                      need_focus=True, need_loss=False, teacher_lse=teacher_lse)[1]
+
+
+@torch.no_grad()
+def attention_row_lse_triton(q, k, row_mask, attention_mask=None) -> torch.Tensor:
+    """[B, H, L] fp32 natural-log row LSEs (semantics of ``kernels.reference.attention_row_lse``), by pass 1."""
+    _check(q, k, "attention_row_lse")
+    q, k = _cast_pair(q, k)
+    B, H, L, D = q.shape
+    comp = build_compact(row_mask, torch.zeros_like(row_mask, dtype=torch.bool), attention_mask)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # triton launches on the current one
+        lse2 = row_lse(q, k, comp, pick_config(D, D, 1, q.dtype))  # [B, H, NT], +inf: no key
+    out = torch.full((B, H, L + 1), float("-inf"), dtype=torch.float32, device=q.device)
+    if comp.nt_max == 0:
+        return out[..., :L].contiguous()
+    valid = torch.arange(comp.nt_max, device=q.device)[None, :] < comp.n_text[:, None]
+    dest = torch.where(valid, comp.tidx.long(), torch.full_like(comp.tidx, L).long())[:, None, :].expand(B, H, -1)
+    val = torch.where(torch.isfinite(lse2), lse2 / LOG2E, torch.full_like(lse2, float("-inf")))
+    return out.scatter_(2, dest, val)[..., :L].contiguous()

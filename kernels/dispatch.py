@@ -79,34 +79,42 @@ def _triton_impl(module: str, name: str, device: torch.device, backend: str | No
 
 
 def attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None, *,
-                                  backend=None):
+                                  teacher_lse=None, backend=None):
     """(L_attn scalar, F [B, L] fp32) in one pass; semantics of ``kernels.reference.attention_alignment_and_focus``."""
     fn = _triton_impl("attention_alignment", "attention_alignment_triton", q_s.device, backend)
     if fn is None:
         return reference.attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias,
-                                                       attention_mask)
+                                                       attention_mask, teacher_lse)
     return fn(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask, need_focus=True,
-              need_loss=True)
+              need_loss=True, teacher_lse=teacher_lse)
 
 
 def attention_alignment_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None, *,
-                             backend=None):
+                             teacher_lse=None, backend=None):
     """L_attn (fp32 scalar); semantics of ``kernels.reference.attention_alignment_loss``."""
     fn = _triton_impl("attention_alignment", "attention_alignment_triton", q_s.device, backend)
     if fn is None:
         return reference.attention_alignment_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias,
-                                                  attention_mask)
+                                                  attention_mask, teacher_lse)
     return fn(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask, need_focus=False,
-              need_loss=True)[0]
+              need_loss=True, teacher_lse=teacher_lse)[0]
 
 
-def text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None, *, backend=None):
+def text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None, *, teacher_lse=None, backend=None):
     """Text focus F [B, L] fp32 (no gradient); semantics of ``kernels.reference.text_focus``."""
     fn = _triton_impl("attention_alignment", "attention_alignment_triton", q_t.device, backend)
     if fn is None:
-        return reference.text_focus(q_t, k_t, text_mask, vision_mask, attention_mask)
+        return reference.text_focus(q_t, k_t, text_mask, vision_mask, attention_mask, teacher_lse)
     return fn(q_t, k_t, None, None, text_mask, vision_mask, None, None, attention_mask, need_focus=True,
-              need_loss=False)[1]
+              need_loss=False, teacher_lse=teacher_lse)[1]
+
+
+def attention_row_lse(q, k, row_mask, attention_mask=None, *, backend=None):
+    """[B, H, L] fp32 row log-sum-exps (no gradient); semantics of ``kernels.reference.attention_row_lse``."""
+    fn = _triton_impl("attention_alignment", "attention_row_lse_triton", q.device, backend)
+    if fn is None:
+        return reference.attention_row_lse(q, k, row_mask, attention_mask)
+    return fn(q, k, row_mask, attention_mask)
 
 
 def projection_kd_loss(f_t, f_s, weight, bias, focus_idx=None, *, backend=None):
@@ -319,6 +327,7 @@ __all__ = [
     "attention_alignment_and_focus",
     "attention_alignment_loss",
     "text_focus",
+    "attention_row_lse",
     "projection_kd_loss",
     "logit_kd_loss",
     "fused_logit_kd_and_ce",

@@ -11,6 +11,10 @@ P = softmax(q k^T / sqrt(D)) over keys j with the causal mask (j <= i) and the p
     marks valid keys; None: every key valid). A query row without any valid key has P = 0.
 E = {(b, i, j): text_mask[b, i] and vision_mask[b, j] and j < i}: text queries attending to earlier vision keys.
     E depends on the masks only (not on attention_mask); a padded vision key inside E simply has P = 0.
+teacher_lse: optional [B, Ht, L] fp32, the teacher's row log-sum-exps (natural log) of q k^T / sqrt(D) over each
+    row's causal, valid keys (``attention_row_lse``; -inf for a row without keys). Given it, P_t on E is
+    exp(q_i k_j / sqrt(D) - lse_i) and k_t is read at the vision columns only, so a teacher cache can store the keys
+    of the 144 vision positions instead of all L.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ __all__ = [
     "attention_alignment_loss",
     "attention_alignment_and_focus",
     "text_focus",
+    "attention_row_lse",
     "projection_kd_loss",
     "logit_kd_loss",
 ]
@@ -47,25 +52,62 @@ def _positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(ok, order, torch.zeros_like(order)), ok
 
 
-def _text_vision_probs(q, k, rows, cols, attention_mask) -> torch.Tensor:
+def _allowed(rows, L, attention_mask):
+    """[B, T, L] bool: key j is causal (j <= i) and valid for query row i."""
+    key_pos = torch.arange(L, device=rows.device)
+    allowed = key_pos[None, None, :] <= rows[:, :, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    return allowed
+
+
+def _row_scores(q, k, rows):
+    """fp32 scores of the query rows `rows` [B, T] against every key: [B, H, T, L]."""
+    B, H, L, D = q.shape
+    q_rows = q.float().gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], D))  # [B, H, T, D]
+    return q_rows @ k.float().transpose(-1, -2) / math.sqrt(D)
+
+
+def _text_vision_probs(q, k, rows, cols, attention_mask, lse=None) -> torch.Tensor:
     """P restricted to the given query rows and key columns: [B, H, T, V] fp32.
 
     The softmax runs over *all* keys of each row (causal + padding mask), then the vision columns are picked out, so
-    the result is the true attention probability, not a renormalized slice.
+    the result is the true attention probability, not a renormalized slice. With `lse` ([B, H, L], see the module
+    docstring) the normalizer is given: only the key columns `cols` of k are read.
     """
     B, H, L, D = q.shape
-    q_rows = q.float().gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], D))  # [B, H, T, D]
-    scores = q_rows @ k.float().transpose(-1, -2) / math.sqrt(D)  # [B, H, T, L]
-    key_pos = torch.arange(L, device=q.device)
-    allowed = key_pos[None, None, :] <= rows[:, :, None]  # causal: [B, T, L]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, :]
+    T, V = rows.shape[1], cols.shape[1]
+    if lse is not None:
+        k_cols = k.float().gather(2, cols[:, None, :, None].expand(B, H, V, D))  # [B, H, V, D]
+        s = _row_scores(q, k_cols, rows)  # [B, H, T, V]
+        lse_rows = lse.float().gather(2, rows[:, None, :].expand(B, H, T))[..., None]  # [B, H, T, 1]
+        ok = _allowed(rows, L, attention_mask).gather(2, cols[:, None, :].expand(B, T, V))[:, None] \
+            & torch.isfinite(lse_rows)
+        return torch.where(ok, torch.exp(s - torch.where(ok, lse_rows, torch.zeros_like(lse_rows))),
+                           torch.zeros_like(s))
+    scores = _row_scores(q, k, rows)  # [B, H, T, L]
+    allowed = _allowed(rows, L, attention_mask)  # [B, T, L]
     row_has_key = allowed.any(-1)  # [B, T]
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     # rows without any valid key: softmax of a finite row, then zeroed (keeps NaN out of forward and backward)
     scores = scores.masked_fill(~row_has_key[:, None, :, None], 0.0)
     probs = torch.softmax(scores, dim=-1) * row_has_key[:, None, :, None]
-    return probs.gather(3, cols[:, None, None, :].expand(B, H, rows.shape[1], cols.shape[1]))  # [B, H, T, V]
+    return probs.gather(3, cols[:, None, None, :].expand(B, H, T, V))  # [B, H, T, V]
+
+
+@torch.no_grad()
+def attention_row_lse(q, k, row_mask, attention_mask=None) -> torch.Tensor:
+    """[B, H, L] fp32: log-sum-exp (natural log) of q_i k_j / sqrt(D) over the causal, valid keys j of every row i
+    in row_mask [B, L]; -inf for other rows and for rows without a valid key (no probability mass)."""
+    if q.dim() != 4 or q.shape != k.shape:
+        raise ValueError(f"q, k must be [B, H, L, D] with equal shapes, got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, H, L, _ = q.shape
+    rows, ok = _positions(row_mask)
+    scores = _row_scores(q, k, rows).masked_fill(~_allowed(rows, L, attention_mask)[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, -1).masked_fill(~ok[:, None, :], float("-inf"))  # [B, H, T]
+    out = torch.full((B, H, L + 1), float("-inf"), dtype=torch.float32, device=q.device)
+    dest = torch.where(ok, rows, torch.full_like(rows, L))[:, None, :].expand(B, H, rows.shape[1])
+    return out.scatter_(2, dest, lse)[..., :L].contiguous()  # padding slots land in the dropped column L
 
 
 def _pair_set(text_mask, vision_mask):
@@ -87,7 +129,8 @@ def _check_qk(q_t, k_t, q_s=None, k_s=None):
             raise ValueError("teacher and student q/k must share batch size and sequence length")
 
 
-def attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None):
+def attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None,
+                                  teacher_lse=None):
     """(L_attn, F): the attention alignment loss and the teacher's text focus from one pass.
 
     L_attn = mean over (b, i, j) in E and student heads hs of
@@ -97,7 +140,7 @@ def attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, we
 
     F[b, j] = (1 / Ht) * sum_ht sum_{i: (b, i, j) in E} P_t[b, ht, i, j] for vision keys j, 0 elsewhere: [B, L] fp32.
 
-    Gradients flow to q_s, k_s, weight and bias; q_t and k_t are constants.
+    Gradients flow to q_s, k_s, weight and bias; q_t and k_t are constants. teacher_lse: see the module docstring.
     """
     _check_qk(q_t, k_t, q_s, k_s)
     Hs, Ht = q_s.shape[1], q_t.shape[1]
@@ -106,7 +149,7 @@ def attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, we
                          f"{tuple(bias.shape)}")
     rows, cols, pairs = _pair_set(text_mask, vision_mask)
     with torch.no_grad():
-        p_t = _text_vision_probs(q_t.detach(), k_t.detach(), rows, cols, attention_mask)  # [B, Ht, T, V]
+        p_t = _text_vision_probs(q_t.detach(), k_t.detach(), rows, cols, attention_mask, teacher_lse)  # [B,Ht,T,V]
     p_s = _text_vision_probs(q_s, k_s, rows, cols, attention_mask)  # [B, Hs, T, V]
     target = torch.einsum("sh,bhtv->bstv", weight.float(), p_t) + bias.float()[None, :, None, None]
     sq = (target - p_s).pow(2) * pairs[:, None]  # [B, Hs, T, V], zero outside E
@@ -123,13 +166,15 @@ def _scatter_focus(p_t, rows, cols, pairs, L):
     return focus.scatter_add_(1, cols, per_col)
 
 
-def attention_alignment_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None):
+def attention_alignment_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None,
+                             teacher_lse=None):
     """L_attn (fp32 scalar): see ``attention_alignment_and_focus``."""
-    return attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask)[0]
+    return attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask,
+                                         teacher_lse)[0]
 
 
 @torch.no_grad()
-def text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None):
+def text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None, teacher_lse=None):
     """Text focus F [B, L] fp32 of the teacher (no gradient):
 
     F[b, j] = (1 / Ht) * sum_ht sum_{i: (b, i, j) in E} P_t[b, ht, i, j] for vision keys j, and 0 elsewhere.
@@ -137,7 +182,7 @@ def text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None):
     """
     _check_qk(q_t, k_t)
     rows, cols, pairs = _pair_set(text_mask, vision_mask)
-    p_t = _text_vision_probs(q_t, k_t, rows, cols, attention_mask)
+    p_t = _text_vision_probs(q_t, k_t, rows, cols, attention_mask, teacher_lse)
     return _scatter_focus(p_t, rows, cols, pairs, text_mask.shape[1])
 
 

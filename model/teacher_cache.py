@@ -15,33 +15,36 @@ spliced length with the image as 144 tokens, right padding so positions do not d
   teacher does. Full logits would be 7.8x larger per row (32,000 vs 4,096 values); top-k logits (k = 64: ~384 B/row,
   21x smaller) would make the forward/reverse KL an approximation, so they are not offered.
 - attention alignment + text focus: `q` [Ht, n_text, D], the layer-0 post-RoPE queries of the text rows (the text
-  after the image, the only query rows of the pair set E), and `k` [Hkv, n, D], the keys of every valid position
-  (P_t is a softmax over all causal keys, so every key up to the last text row is needed; the last text row is the
-  last valid token). Keys are stored before the GQA repeat and repeated on read. Samples without text after an
-  image have no pairs and store neither.
+  after the image, the only query rows of the pair set E), `k` [Hkv, 144, D], the keys of the vision positions (the
+  only key columns of E), and `lse` [Ht, n_text] fp32, each text row's log-sum-exp over all its causal keys
+  (`kernels.attention_row_lse`, computed at build time from every key). With the LSE the losses rebuild P_t on E
+  exactly (`teacher_lse=`), so the other L - 144 keys need not be stored. Keys are stored before the GQA repeat and
+  repeated on read. Samples without text after an image have no pairs and store none of the three.
 - projection KD: `vision` [144, H], the teacher's projector outputs, for samples with an image.
 On read, `TeacherCache.teacher_side` scatters these into a batch-shaped `KDSide`: hidden [B, L, H] with zeros off the
-supervised rows, q0/k0 [B, Ht, L, D] with zeros off the text rows / past the valid length (the loss reads only text
-query rows, masks padded keys, and skips samples without pairs), vision tokens [B, 144, H] (zeros for text-only
-samples, which the loss ignores). Each sample's layout (length, supervised-row count, image start, text-row count)
+supervised rows, q0/k0 [B, Ht, L, D] with zeros off the text rows / vision positions and lse0 [B, Ht, L] with -inf off
+the text rows (the loss reads only text query rows and vision key columns, and skips samples without pairs), vision
+tokens [B, 144, H] (zeros for text-only samples, which the loss ignores). Each sample's layout (length, supervised-row count, image start, text-row count)
 is checked against the batch, so a cache that does not fit the data fails loudly instead of training on garbage.
 
 Size (bf16, MobileVLM V2-7B teacher: H 4096, Ht = Hkv 32, D 128; `sample_bytes` computes it):
     bytes per sample = 8,192 * n_sup                 hidden, every sample
                      + 1,179,648                     vision tokens, samples with an image
-                     + 8,192 * (n_text + n)          q and k, samples with text after the image
-                     (+ ~400 B of safetensors header per sample)
-    - VQA-style v1 sample (image at 35, 18 text tokens after it, 3 supervised rows, n 197):   2,965,504 B (2.97 MB)
-    - ShareGPT4V-PT caption, plain (image at 1, 300-token caption, 300 supervised, n 445):    9,740,288 B (9.74 MB)
-    - longest v1 image sample (n 2,048, image at 35, 1,869 text rows, 1,000 supervised):      41,459,712 B (41.5 MB)
+                     + 8,320 * n_text + 1,179,648    q and LSE of the text rows + vision keys, text after the image
+                     (+ ~500 B of safetensors header per sample)
+    - VQA-style v1 sample (image at 35, 18 text tokens after it, 3 supervised rows, n 197):   2,533,632 B (2.53 MB)
+    - ShareGPT4V-PT caption, plain (image at 1, 300-token caption, 300 supervised, n 445):    7,312,896 B (7.31 MB)
+    - longest v1 image sample (n 2,048, image at 35, 1,869 text rows, 1,000 supervised):      26,101,376 B (26.1 MB)
     - text-only v1 sample (512 tokens, 256 supervised):                                         2,097,152 B (2.10 MB)
     - once per cache: lm_head 32000 x 4096 bf16 = 262,144,000 B
+(Storing every key instead, as version 1 of this format did, took 8,192 * n bytes for k: 41.5 MB for the longest
+sample, 9.74 MB for the caption.)
 So the cache trades disk for GPU memory and teacher compute: it replaces 4.5 GB (NF4) / 14.1 GB (bf16) of teacher
 weights on the GPU (plus the teacher forward) by the 262 MB lm_head and one micro-batch of these tensors, but on disk
-it outgrows the 4.5 GB NF4 teacher after about 450-1,500 samples: 1.25M ShareGPT4V-PT captions would take ~12 TB.
-Use it for ablations and repeated epochs on subsets (10k samples: ~30-100 GB), not for a full 1-2M-sample stage.
-(The demo, fp32: 137,974 B per sample on disk, 13.4 MB for its 96 samples, 7.6x its 1.76 MB teacher; the lm_head
-plus its largest micro-batch of 4 are 0.86 MB.)
+it outgrows the 4.5 GB NF4 teacher after about 170-1,800 samples: 1.25M ShareGPT4V-PT captions would take ~9 TB.
+Use it for ablations and repeated epochs on subsets (10k samples: ~25-75 GB), not for a full 1-2M-sample stage.
+(The demo, fp32: 156,330 B per sample on disk, 15.3 MB for its 96 samples with the lm_head, 5.5x its 2.79 MB
+teacher; the lm_head plus its largest micro-batch of 4 are 0.98 MB.)
 
 Layout of DIR:
     manifest.json          what the cache was made from (`make_manifest`); compared on open (`compare_manifests`)
@@ -68,11 +71,12 @@ from tqdm import tqdm
 
 from data.constants import IGNORE_INDEX, NUM_IMAGE_TOKENS
 from data.dataset import Collator
+from kernels import attention_row_lse
 
 log = logging.getLogger("alignkd")
 
 FORMAT = "alignkd-teacher-cache"
-VERSION = 1
+VERSION = 2  # 2: vision-column keys + text-row LSEs (1 stored every key)
 DEFAULT_SHARD_SIZE = 64
 _WHOLE_FILE_LIMIT = 64 * 2**20  # weight files up to this size are hashed whole
 _WINDOWS, _WINDOW = 1024, 4096  # larger ones: 1024 windows of 4 KiB spread evenly, first and last included
@@ -86,13 +90,15 @@ class CacheMismatch(Exception):
 
 def sample_bytes(n: int, n_text: int, n_sup: int, has_image: bool, hidden: int = 4096, heads: int = 32,
                  kv_heads: int = 32, head_dim: int = 128, element_size: int = 2) -> int:
-    """Tensor bytes one sample takes in the cache (defaults: the bf16 MobileVLM V2-7B teacher)."""
+    """Tensor bytes one sample takes in the cache (defaults: the bf16 MobileVLM V2-7B teacher; LSEs are fp32)."""
     total = n_sup * hidden
+    lse = 0
     if has_image:
         total += NUM_IMAGE_TOKENS * hidden
         if n_text:
-            total += heads * n_text * head_dim + kv_heads * n * head_dim
-    return total * element_size
+            total += heads * n_text * head_dim + kv_heads * NUM_IMAGE_TOKENS * head_dim
+            lse = heads * n_text * 4
+    return total * element_size + lse
 
 
 # ---- fingerprints and the manifest -----------------------------------------------------------------------------------
@@ -304,8 +310,9 @@ def check_cache(folder: str | Path, expected: dict[str, Any], check_quant: bool 
 
 # ---- building --------------------------------------------------------------------------------------------------------
 
-def _sample_record(t, b: int, kv_groups: int) -> dict[str, Any]:
-    """The cached tensors of batch row b of a teacher output `t` (a MobileVLMOutput made with labels)."""
+def _sample_record(t, lse: torch.Tensor, b: int, kv_groups: int) -> dict[str, Any]:
+    """The cached tensors of batch row b of a teacher output `t` (a MobileVLMOutput made with labels) whose layer-0
+    text-row LSEs are `lse` [B, Ht, L]."""
     mm = t.mm
     n = int(mm.attention_mask[b].sum())
     rows = (mm.labels[b, 1:] != IGNORE_INDEX).nonzero().flatten()
@@ -319,7 +326,8 @@ def _sample_record(t, b: int, kv_groups: int) -> dict[str, Any]:
         if int(text[0]) != lo or int(text[-1]) != n - 1 or n_text != n - lo:
             raise RuntimeError(f"unexpected text rows {int(text[0])}..{int(text[-1])} for image at {vs}, length {n}")
         tensors["q"] = t.q0[b, :, lo:n]
-        tensors["k"] = t.k0[b, ::kv_groups, :n]
+        tensors["k"] = t.k0[b, ::kv_groups, vs:lo]
+        tensors["lse"] = lse[b, :, lo:n]
     if has_image:
         tensors["vision"] = mm.vision_tokens[b]
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
@@ -369,9 +377,10 @@ def build_cache(folder: str | Path, teacher, dataset, manifest: dict[str, Any], 
                     feats = teacher.encode_images(images[has_image]) if bool(has_image.any()) else None
                     t = teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                 labels=batch["labels"].to(device), image_features=feats, compute_logits=False)
+                    lse = attention_row_lse(t.q0, t.k0, t.mm.text_mask, t.mm.attention_mask)
                     for b, i in enumerate(batch["index"]):
-                        pending.setdefault(i // size, {})[i] = _sample_record(t, b, kv_groups)
-                    del t
+                        pending.setdefault(i // size, {})[i] = _sample_record(t, lse, b, kv_groups)
+                    del t, lse
                 for s in [s for s, recs in pending.items() if len(recs) == want[s]]:
                     write_shard(folder, s, pending.pop(s))
                 pbar.update(len(batch["index"]) + len(batch["skipped_index"]))
@@ -453,7 +462,8 @@ class TeacherCache:
         if "skip" in meta:
             raise CacheMismatch(f"sample {i} was skipped ({meta['skip']}) when the teacher cache was built but is "
                                 f"in this batch: the data differ from the cache's")
-        names = ["hidden"] + (["vision"] if meta["vision_start"] >= 0 else []) + (["q", "k"] if meta["n_text"] else [])
+        names = ["hidden"] + (["vision"] if meta["vision_start"] >= 0 else []) + \
+            (["q", "k", "lse"] if meta["n_text"] else [])
         return meta, {k: f.get_tensor(f"{i}/{k}") for k in names}
 
     def lm_head(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -474,10 +484,11 @@ class TeacherCache:
         samples = [self.sample(int(i)) for i in indices]
         hidden = torch.zeros(B, L, self.hidden_size, device=device, dtype=dtype)
         vision = torch.zeros(B, NUM_IMAGE_TOKENS, self.hidden_size, device=device, dtype=dtype)
-        q0 = k0 = None
+        q0 = k0 = lse0 = None
         if any(m["n_text"] for m, _ in samples):
             q0 = torch.zeros(B, self.num_heads, L, self.head_dim, device=device, dtype=dtype)
             k0 = torch.zeros_like(q0)
+            lse0 = torch.full((B, self.num_heads, L), float("-inf"), device=device, dtype=torch.float32)
         sup = batch.labels[:, 1:] != IGNORE_INDEX
         n_valid = batch.attention_mask.sum(1).tolist()
         n_text = batch.text_mask.sum(1).tolist()
@@ -493,10 +504,12 @@ class TeacherCache:
             if "vision" in t:
                 vision[b] = t["vision"].to(device, dtype)
             if meta["n_text"]:
-                lo, n = meta["vision_start"] + NUM_IMAGE_TOKENS, meta["n"]
+                vs, n = meta["vision_start"], meta["n"]
+                lo = vs + NUM_IMAGE_TOKENS
                 q0[b, :, lo:n] = t["q"].to(device, dtype)
-                k0[b, :, :n] = t["k"].to(device, dtype).repeat_interleave(self.num_heads // self.kv_heads, dim=0)
-        return KDSide(hidden, self.lm_head(device, dtype), q0, k0, vision)
+                k0[b, :, vs:lo] = t["k"].to(device, dtype).repeat_interleave(self.num_heads // self.kv_heads, dim=0)
+                lse0[b, :, lo:n] = t["lse"].to(device)
+        return KDSide(hidden, self.lm_head(device, dtype), q0, k0, vision, lse0)
 
 
 __all__ = ["CacheMismatch", "DEFAULT_SHARD_SIZE", "IndexedCollator", "IndexedDataset", "TeacherCache", "build_cache",

@@ -216,6 +216,50 @@ def test_padded_keys_get_no_probability():
     assert (p_s[0, 0, :, 3] == 0).all()
 
 
+def naive_row_lse(q, k, row_mask, attention_mask):
+    """[B, H, L] float64 log-sum-exp over the causal, valid keys of each row in row_mask, by loops; -inf elsewhere."""
+    B, H, L, D = q.shape
+    out = torch.full((B, H, L), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        for i in range(L):
+            keys = [j for j in range(i + 1) if attention_mask is None or bool(attention_mask[b, j])]
+            if row_mask[b, i] and keys:
+                s = torch.einsum("hd,hjd->hj", q[b, :, i].double(), k[b, :, keys].double()) / math.sqrt(D)
+                out[b, :, i] = torch.logsumexp(s, -1)
+    return out
+
+
+@pytest.mark.parametrize("name", ["fp32-random-pad-Ht>Hs", "bf16-spliced", "fp32-spliced-text-before-after"])
+def test_row_lse_and_given_teacher_lse_read_only_the_vision_keys(name):
+    """attention_row_lse equals a naive loop; given it, the losses, focus and gradients equal the plain ones even
+    when every non-vision teacher key is replaced by noise (what the teacher cache relies on)."""
+    dtype, B, L, Ht, Hs, Dt, Ds, layout, pad = ATT_CASES[name]
+    tm, vm, am = random_masks(B, L, seed=len(name), pad=pad, layout=layout)
+    q_t, k_t = qk(B, Ht, L, Dt, 12, dtype)
+    q_s, k_s = qk(B, Hs, L, Ds, 13, dtype)
+    w, bias = adapter(Hs, Ht, 14)
+    lse = ref.attention_row_lse(q_t, k_t, tm, attention_mask=am)
+    want = naive_row_lse(q_t, k_t, tm, am)
+    assert lse.shape == (B, Ht, L) and lse.dtype == torch.float32
+    fin = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(lse), fin) and fin.any() and (~fin).any()
+    assert _rel(lse[fin], want[fin]) <= 1e-6
+    noise = torch.where(vm[:, None, :, None], k_t, torch.randn_like(k_t.float()).to(dtype) * 9.0)
+    leaves = [[_leaf(x) for x in (q_s, k_s, w, bias)] for _ in range(2)]
+    outs = [ref.attention_alignment_and_focus(q_t, k_t, *leaves[0][:2], tm, vm, *leaves[0][2:], attention_mask=am),
+            ref.attention_alignment_and_focus(q_t, noise, *leaves[1][:2], tm, vm, *leaves[1][2:], attention_mask=am,
+                                              teacher_lse=lse)]
+    for (loss, _), lv in zip(outs, leaves):
+        loss.backward()
+    assert outs[0][0].item() > 0 and _rel(outs[1][0], outs[0][0]) <= 1e-5
+    assert _rel(outs[1][1], outs[0][1]) <= 1e-5
+    assert _rel(ref.text_focus(q_t, noise, tm, vm, am, teacher_lse=lse), outs[0][1]) <= 1e-5
+    for a, b in zip(leaves[1], leaves[0]):
+        assert _rel(a.grad, b.grad) <= 1e-4
+    # the noise matters without the LSE: the check above is not vacuous
+    assert _rel(ref.text_focus(q_t, noise, tm, vm, am), outs[0][1]) > 1e-2
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # projection KD
 

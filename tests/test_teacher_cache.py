@@ -213,8 +213,8 @@ def test_sizes(runs, capsys):
     headers; the teacher data a step reads from the cache is far smaller than the teacher weights it replaces on the
     device. (On disk the whole cache is larger than the teacher: it trades disk for GPU memory and compute.)"""
     doc = teacher_cache.__doc__
-    for args, expected in (((197, 18, 3, True), 2_965_504), ((445, 300, 300, True), 9_740_288),
-                           ((2048, 1869, 1000, True), 41_459_712), ((512, 0, 256, False), 2_097_152)):
+    for args, expected in (((197, 18, 3, True), 2_533_632), ((445, 300, 300, True), 7_312_896),
+                           ((2048, 1869, 1000, True), 26_101_376), ((512, 0, 256, False), 2_097_152)):
         assert sample_bytes(*args) == expected
         assert f"{expected:,} B" in doc
     assert f"{32000 * 4096 * 2:,} B" in doc

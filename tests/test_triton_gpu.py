@@ -101,6 +101,33 @@ def test_attention_alignment_real_shapes(B, L, dtype):
         assert _rel(leaf.grad, rg) <= tol, (name, _rel(leaf.grad, rg))
 
 
+def test_given_teacher_lse_real_shapes():
+    """The teacher-cache path at real shapes: pass-1 LSEs vs the reference, and loss/focus/grads from q_t + LSE with
+    noise in every non-vision teacher key vs the fused kernel on the true keys (same math: 1e-5 / 1e-3)."""
+    import kernels.reference as ref
+    from kernels.attention_alignment import attention_alignment_triton, attention_row_lse_triton
+
+    q_t, k_t, q_s, k_s, tm, vm, am, w, bias = _batch(2, 2048, torch.bfloat16, seed=5)
+    lse = attention_row_lse_triton(q_t, k_t, tm, am)
+    for b in range(2):
+        sl = slice(b, b + 1)
+        want = ref.attention_row_lse(q_t[sl], k_t[sl], tm[sl], attention_mask=am[sl])
+        fin = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(lse[sl]), fin) and _rel(lse[sl][fin], want[fin]) <= 1e-5
+    noise = torch.where(vm[:, None, :, None], k_t, torch.randn_like(k_t) * 9.0)
+    runs = []
+    for k, given in ((k_t, None), (noise, lse)):
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q_s, k_s, w, bias)]
+        loss, focus = attention_alignment_triton(q_t, k, leaves[0], leaves[1], tm, vm, leaves[2], leaves[3], am,
+                                                 need_focus=True, teacher_lse=given)
+        loss.backward()
+        runs.append((loss, focus, [x.grad for x in leaves]))
+    (l0, f0, g0), (l1, f1, g1) = runs
+    assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item()) and _rel(f1, f0) <= 1e-5
+    for name, a, b in zip(("dq_s", "dk_s", "dW", "db"), g1, g0):
+        assert _rel(a, b) <= 1e-3, (name, _rel(a, b))
+
+
 def _extra_bound(B, L, nt, nv, cfg):
     n_mb = math.ceil(nt / cfg.al_m)
     hsp = math.ceil(HS / cfg.hs_group) * cfg.hs_group

@@ -164,6 +164,39 @@ def test_attention_alignment_matches_reference(name):
         assert _rel(lk.grad, lr.grad) <= t, (nm, _rel(lk.grad, lr.grad))
 
 
+@pytest.mark.parametrize("name", ["fp32-b3-mixed-pad-odd-dims", "bf16-b2-after-pad", "fp32-b3-empty-rows-cols"])
+def test_given_teacher_lse_matches_reference_and_reads_only_vision_keys(name):
+    """The teacher-cache path: row LSEs from the kernel's pass 1 (vs the reference), then loss, focus and every
+    gradient from q_t + LSE with every non-vision teacher key replaced by noise, vs the reference on the true keys."""
+    dtype, B, L, Ht, Hs, Dt, Ds, layout, pad, vis_len, noncontig = CASES[name]
+    tm, vm, am = _masks(B, L, layout, pad, vis_len)
+    tm, vm = tm.to(DEV), vm.to(DEV)
+    am = am.to(DEV) if am is not None else None
+    q_t, k_t, q_s, k_s, w, b = _inputs(B, L, Ht, Hs, Dt, Ds, dtype, seed=len(name) + 1, noncontig=noncontig)
+    tol = TOL[dtype]
+    lse_k = aa.attention_row_lse_triton(q_t, k_t, tm, am)
+    lse_r = ref.attention_row_lse(q_t, k_t, tm, attention_mask=am)
+    fin = torch.isfinite(lse_r)
+    assert lse_k.shape == (B, Ht, L) and torch.equal(torch.isfinite(lse_k), fin) and fin.any()
+    assert _rel(lse_k[fin], lse_r[fin]) <= 1e-5
+    noise = torch.where(vm[:, None, :, None], k_t, (torch.randn(k_t.shape) * 9.0).to(dtype).to(DEV))
+
+    leaves_k = [_leaf(x) for x in (q_s, k_s, w, b)]
+    loss_k, focus_k = aa.attention_alignment_triton(q_t, noise, *leaves_k[:2], tm, vm, *leaves_k[2:], am,
+                                                    need_focus=True, teacher_lse=lse_k)
+    loss_k.backward()
+    leaves_r = [_leaf(x) for x in (q_s, k_s, w, b)]
+    loss_r, focus_r = ref.attention_alignment_and_focus(q_t, k_t, *leaves_r[:2], tm, vm, *leaves_r[2:],
+                                                        attention_mask=am)
+    loss_r.backward()
+    assert abs(loss_k.item() - loss_r.item()) <= tol["val"] * abs(loss_r.item()) + 1e-9, (loss_k.item(), loss_r.item())
+    assert _rel(focus_k, focus_r) <= tol["val"]
+    assert _rel(aa.text_focus_triton(q_t, noise, tm, vm, am, teacher_lse=lse_k), focus_r) <= tol["val"]
+    for nm, lk, lr, t in zip(("dq_s", "dk_s", "dW", "db"), leaves_k, leaves_r,
+                             (tol["grad_qk"], tol["grad_qk"], tol["grad"], tol["grad"])):
+        assert _rel(lk.grad, lr.grad) <= t, (nm, _rel(lk.grad, lr.grad))
+
+
 def test_empty_pair_set_gives_zero_loss_and_zero_grads():
     B, L = 2, 30
     vm = torch.zeros(B, L, dtype=torch.bool)

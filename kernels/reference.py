@@ -62,7 +62,8 @@ def _allowed(rows, L, attention_mask):
 
 
 def _row_scores(q, k, rows):
-    """fp32 scores of the query rows `rows` [B, T] against every key: [B, H, T, L]."""
+    """fp32 scores q_i k_n / sqrt(D) of the query rows `rows` [B, T] against every key of k [B, H, N, D]:
+    [B, H, T, N]."""
     B, H, L, D = q.shape
     q_rows = q.float().gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], D))  # [B, H, T, D]
     return q_rows @ k.float().transpose(-1, -2) / math.sqrt(D)

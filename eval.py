@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.benchmarks import (BENCHMARKS, Question, answer_key, check_data, limit_questions, load_questions,
-                             read_answers)
+from data.benchmarks import (BENCHMARKS, MissingDataError, Question, answer_key, check_data, limit_questions,
+                             load_questions, read_answers)
 from data.constants import NUM_IMAGE_TOKENS
 from data.images import process_image
 from data.scorers import score_benchmark
@@ -284,8 +284,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     else:
         if args.model is None:
             raise SystemExit("pass --model PATH (or --score-only)")
-        for bench in benches:  # a missing file should not wait for the model to load
-            check_data(bench, args.data_root)
+        missing = []  # every missing file, before the model loads
+        for bench in benches:
+            try:
+                check_data(bench, args.data_root)
+            except MissingDataError as e:
+                missing.append(f"{bench}: {e}")
+        if missing:
+            raise MissingDataError("benchmark data not found under --data-root:\n  " + "\n  ".join(missing))
         dtype = args.dtype or ("fp16" if torch.cuda.is_available() else "fp32")
         model, tokenizer = load_model(args.model, dtype, args.vision_tower)
         model_id = str(Path(args.model).resolve())
@@ -298,4 +304,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MissingDataError as e:
+        raise SystemExit(f"error: {e}") from None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ import pytest
 import eval as ev
 from data.benchmarks import BENCHMARKS, QUESTION_FILES, MissingDataError, load_questions
 from data.synthetic_benchmarks import make_synthetic_benchmarks
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _layout(fixtures: Path, root: Path) -> Path:
@@ -146,9 +150,18 @@ def test_missing_image_is_reported_not_fatal(synthetic_root, tiny_and_tokenizer,
 def test_missing_data_file_names_path(tmp_path):
     with pytest.raises(MissingDataError, match=r"gqa/llava_gqa_testdev_balanced\.jsonl.*eval\.zip"):
         ev.main(["--bench", "gqa", "--score-only", "--out", str(tmp_path), "--data-root", str(tmp_path / "none")])
-    # with a model to run, the data is checked before the (here nonexistent) model is loaded
-    with pytest.raises(MissingDataError, match=r"gqa/llava_gqa_testdev_balanced\.jsonl"):
+    # with a model to run, the data is checked before the (here nonexistent) model is loaded, and one error names
+    # the missing file of every benchmark
+    with pytest.raises(MissingDataError, match=r"gqa/llava_gqa_testdev_balanced\.jsonl") as err:
         ev.main(["--bench", "all", "--model", str(tmp_path / "no-model"), "--data-root", str(tmp_path)])
+    for bench, rel in QUESTION_FILES.items():
+        assert f"{bench}: missing {tmp_path / rel}" in str(err.value)
+    assert "mmbench: missing" in str(err.value)
+    # from the command line: one clean error, no traceback
+    proc = subprocess.run([sys.executable, "eval.py", "--bench", "pope", "--model", str(tmp_path / "m"),
+                           "--data-root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: benchmark data not found") and "pope/llava_pope_test.jsonl" in proc.stderr
 
 
 def test_compare_and_chart(tmp_path, capsys):

@@ -6,8 +6,10 @@
 One readable loop: batch -> shared CLIP features -> student (grad) and teacher (no grad) forwards -> Align-KD losses
 (CE + logit KD + layer-0 text->vision attention + projector KD on all and on text-focused tokens) -> step.
 Checkpoints are written atomically in the official MobileVLM layout, with the adapters and the optimizer state,
-and `--resume` continues from the latest one with the same data order. `--cache-teacher DIR` stores the teacher's
-part of the losses once (model/teacher_cache.py) and trains from it without the teacher.
+and `--resume` continues from the latest one with the same data order. Ctrl-C or SIGTERM (a cluster's preemption
+notice) finishes the current optimizer step, saves a checkpoint and exits; a second one aborts at once.
+`--cache-teacher DIR` stores the teacher's part of the losses once (model/teacher_cache.py) and trains from it
+without the teacher.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data import LLaVADataset, Collator, load_tokenizer, make_demo_tokenizer, make_synthetic_dataset, resolve_subset
 from data.tokenizer import tokenizer_fingerprint
@@ -307,6 +311,35 @@ def distill_forward(student: MobileVLM, teacher: MobileVLM | None, loss_fn: Alig
 
 # ---- main -------------------------------------------------------------------------------------------------------------
 
+class StopRequest:
+    """SIGINT/SIGTERM while training: the first asks the loop to save and stop after the current optimizer step (a
+    step of many accumulated micro-batches is not thrown away); a second one raises KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        try:
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: signals stay as they are
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.info(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                 f"(send it again to abort without saving)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -444,39 +477,43 @@ def main(argv: list[str] | None = None) -> dict:
             n_tokens += int(batch["attention_mask"].sum())
         return n_tokens
 
-    while step < total:
-        sums = Counter()
-        try:
-            tokens += accumulate(sums)
-        except torch.OutOfMemoryError:
-            raise SystemExit(oom_message(args, device)) from None
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
-        if masters is not None:
-            masters.step(opt)
-        else:
-            opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bad = [k for k in TERMS if not math.isfinite(sums[k])]
-        if bad:
-            raise SystemExit(f"error: non-finite loss terms {bad} at step {step}; last checkpoint is kept")
-        record = {"step": step, **{k: sums[k] for k in TERMS}, "lr": sched.get_last_lr()[0],
-                  "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.time() - t0),
-                  "skipped": dict(skipped), "epoch": epoch}
-        history.append(record)
-        if step % args.log_every == 0 or step == total:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            pbar.set_postfix({k: f"{sums[k]:.3g}" for k in TERMS} | ({"skip": sum(skipped.values())} if skipped else {}))
-        pbar.update(1)
-        stop = args.stop_after is not None and step - start_step >= args.stop_after
-        if step % args.save_every == 0 or step == total or stop:
-            state = {"step": step, "epoch": epoch, "offset": offset, "skipped": dict(skipped), "args": vars(args)}
-            save_checkpoint(out, step, student, loss_fn, opt, sched, state, tok_dir, args.keep, masters)
-        if stop:
-            log.info(f"stopping after {args.stop_after} steps (--stop-after); continue with --resume")
-            break
+    with StopRequest() as stop_request, logging_redirect_tqdm():  # log lines above the bar, not inside it
+        while step < total:
+            sums = Counter()
+            try:
+                tokens += accumulate(sums)
+            except torch.OutOfMemoryError:
+                raise SystemExit(oom_message(args, device)) from None
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
+            if masters is not None:
+                masters.step(opt)
+            else:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bad = [k for k in TERMS if not math.isfinite(sums[k])]
+            if bad:
+                raise SystemExit(f"error: non-finite loss terms {bad} at step {step}; last checkpoint is kept")
+            record = {"step": step, **{k: sums[k] for k in TERMS}, "lr": sched.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.time() - t0),
+                      "skipped": dict(skipped), "epoch": epoch}
+            history.append(record)
+            if step % args.log_every == 0 or step == total:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                pbar.set_postfix({k: f"{sums[k]:.3g}" for k in TERMS}
+                                 | ({"skip": sum(skipped.values())} if skipped else {}))
+            pbar.update(1)
+            stop = (args.stop_after is not None and step - start_step >= args.stop_after) or stop_request.signum
+            if step % args.save_every == 0 or step == total or stop:
+                state = {"step": step, "epoch": epoch, "offset": offset, "skipped": dict(skipped), "args": vars(args)}
+                save_checkpoint(out, step, student, loss_fn, opt, sched, state, tok_dir, args.keep, masters)
+            if stop:
+                why = (signal.Signals(stop_request.signum).name if stop_request.signum else
+                       f"after {args.stop_after} steps (--stop-after)")
+                log.info(f"stopped at step {step} ({why}); continue with --resume")
+                break
     pbar.close()
     log_file.close()
     if skipped:
@@ -486,11 +523,14 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("loss terms, first -> last step: " +
                  ", ".join(f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in TERMS))
     log.info(f"checkpoint: {latest_checkpoint(out)}")
-    return {"history": history, "skipped": dict(skipped), "checkpoint": str(latest_checkpoint(out))}
+    return {"history": history, "skipped": dict(skipped), "checkpoint": str(latest_checkpoint(out)),
+            "signal": stop_request.signum}
 
 
 if __name__ == "__main__":
     try:
-        main()
+        result = main()
     except (FileNotFoundError, KeyError) as e:  # missing files or a checkpoint that does not match: no traceback
         raise SystemExit(f"error: {e}") from None
+    if result["signal"]:
+        raise SystemExit(128 + result["signal"])  # the shell's convention for "ended by this signal"

@@ -24,8 +24,9 @@ spliced length with the image as 144 tokens, right padding so positions do not d
 On read, `TeacherCache.teacher_side` scatters these into a batch-shaped `KDSide`: hidden [B, L, H] with zeros off the
 supervised rows, q0/k0 [B, Ht, L, D] with zeros off the text rows / vision positions and lse0 [B, Ht, L] with -inf off
 the text rows (the loss reads only text query rows and vision key columns, and skips samples without pairs), vision
-tokens [B, 144, H] (zeros for text-only samples, which the loss ignores). Each sample's layout (length, supervised-row count, image start, text-row count)
-is checked against the batch, so a cache that does not fit the data fails loudly instead of training on garbage.
+tokens [B, 144, H] (zeros for text-only samples, which the loss ignores). Each sample's layout (length,
+supervised-row count, image start, text-row count) is checked against the batch, so a cache that does not fit the
+data fails loudly instead of training on garbage.
 
 Size (bf16, MobileVLM V2-7B teacher: H 4096, Ht = Hkv 32, D 128; `sample_bytes` computes it):
     bytes per sample = 8,192 * n_sup                 hidden, every sample

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,48 @@ def test_attention_term_trains_the_students_layer0_q_and_k_in_a_real_forward():
     deeper = student.model.layers[1].self_attn.q_proj.weight.grad
     assert deeper is None or not deeper.any()
     assert loss_fn.attn_weight.grad.abs().sum() > 0
+
+
+def test_sigterm_saves_a_checkpoint_after_the_current_step_and_resume_continues(tmp_path):
+    """A preempted run (SIGTERM, as clusters send) keeps its last step: checkpoint, exit status 143, then --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--demo-steps", "1000", *FAST]
+    proc = subprocess.Popen([sys.executable, "train_alignkd.py", *argv], cwd=Path(train_alignkd.__file__).parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 240
+        while not ((out / "log.jsonl").exists() and len(_log(out)) >= 2):
+            assert proc.poll() is None and time.time() < deadline, "the demo did not start training"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    steps = [h["step"] for h in _log(out)]
+    n = steps[-1]
+    assert steps == list(range(1, n + 1)) and 2 <= n < 1000
+    assert (out / "latest").read_text().strip() == f"checkpoint-{n}"
+    assert f"stopped at step {n} (SIGTERM)" in output and "Traceback" not in output
+    train_alignkd.main([*argv, "--resume", "--stop-after", "1"])
+    assert [h["step"] for h in _log(out)] == list(range(1, n + 2))
+
+
+def test_a_second_signal_aborts_at_once_and_handlers_are_restored():
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with train_alignkd.StopRequest() as req:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert req.signum == signal.SIGINT  # the first one only asks for a stop
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -197,6 +197,37 @@ def test_given_teacher_lse_matches_reference_and_reads_only_vision_keys(name):
         assert _rel(lk.grad, lr.grad) <= t, (nm, _rel(lk.grad, lr.grad))
 
 
+def test_gpu_block_config_at_real_head_dim_and_student_heads(monkeypatch):
+    """The bf16 config a GPU gets (pick_config(interpret=False): 64-wide LSE/dk blocks, 64-key dq sweep, 8 student
+    heads per program) run here at D=128 and Hs=16, i.e. two head groups, with padding; Ht=8 and 40 vision tokens
+    keep the interpreter at ~30 s. The other tests use the interpreter's small blocks."""
+    real = _lse.pick_config(128, 128, 16, torch.bfloat16, interpret=False)
+    assert real.hs_group == 8 and real.lse_m == 64 and real.al_kn == 64
+    monkeypatch.setattr(_lse, "CONFIG_OVERRIDE", dict(real.__dict__))
+    B, L, Ht, Hs, D, nv, prompt = 2, 120, 8, 16, 128, 40, 35
+    g = torch.Generator().manual_seed(0)
+    q_t, k_t, q_s, k_s = ((torch.randn(B, H, L, D, generator=g) * 1.5).to(torch.bfloat16).to(DEV)
+                          for H in (Ht, Ht, Hs, Hs))
+    am = torch.zeros(B, L, dtype=torch.bool)
+    vm, tm = torch.zeros_like(am), torch.zeros_like(am)
+    for b in range(B):
+        n = L - 37 * b
+        am[b, :n], vm[b, prompt:prompt + nv], tm[b, prompt + nv:n] = True, True, True
+    am, vm, tm = am.to(DEV), vm.to(DEV), tm.to(DEV)
+    w, bias = (torch.randn(Hs, Ht, generator=g) / Ht).to(DEV), (torch.randn(Hs, generator=g) * 0.01).to(DEV)
+    lk = [_leaf(x) for x in (q_s, k_s, w, bias)]
+    loss, focus = aa.attention_alignment_triton(q_t, k_t, *lk[:2], tm, vm, *lk[2:], am, need_focus=True)
+    loss.backward()
+    lr = [_leaf(x) for x in (q_s, k_s, w, bias)]
+    r_loss, r_focus = ref.attention_alignment_and_focus(q_t, k_t, *lr[:2], tm, vm, *lr[2:], attention_mask=am)
+    r_loss.backward()
+    tol = TOL[torch.bfloat16]
+    assert abs(loss.item() - r_loss.item()) <= tol["val"] * abs(r_loss.item()), (loss.item(), r_loss.item())
+    assert _rel(focus, r_focus) <= tol["val"]
+    for nm, a, b, t in zip(("dq_s", "dk_s", "dW", "db"), lk, lr, (tol["grad_qk"],) * 2 + (tol["grad"],) * 2):
+        assert _rel(a.grad, b.grad) <= t, (nm, _rel(a.grad, b.grad))
+
+
 def test_empty_pair_set_gives_zero_loss_and_zero_grads():
     B, L = 2, 30
     vm = torch.zeros(B, L, dtype=torch.bool)

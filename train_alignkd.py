@@ -324,8 +324,8 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         try:
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        except ValueError:  # not the main thread: signals stay as they are
-            self._previous = {}
+        except ValueError:  # not the main thread (the first signal.signal raises): signals stay as they are
+            pass
         return self
 
     def __exit__(self, *exc) -> None:

@@ -29,6 +29,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alignkd" / "json_index"
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be read as a JSON list of records. The message reads
+    "FILE: record N / byte offset K: what is wrong" (without the record where the problem lies outside any)."""
+
+
+def _where(path: Path, record: int | None, offset: int) -> str:
+    return f"{path}: " + (f"record {record} / " if record is not None else "") + f"byte offset {offset}"
+
+
 class _Scanner:
     """Walks a JSON list in blocks, yielding the byte span of each top-level element."""
 
@@ -36,22 +45,40 @@ class _Scanner:
         self.f, self.path = f, path
         self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.text, self.pos, self.byte_pos, self.eof = "", 0, 0, False
+        self.bytes_read = 0
+        self.count = 0  # records yielded so far: the index of the record being scanned
+        self.bad: tuple[int, bytes, str] | None = None  # a non-UTF-8 sequence past the decoded text
         self.raw_decode = json.JSONDecoder().raw_decode
 
     def _fill(self) -> bool:
-        """Append a block to the buffer (dropping what was consumed); False at end of file."""
+        """Append a block to the buffer (dropping what was consumed); False at end of file. Text is decoded up to
+        the first invalid UTF-8 byte; asking for more than that raises, naming the record that holds the byte."""
+        if self.bad is not None:
+            offset, seq, reason = self.bad
+            raise DataFileError(f"{_where(self.path, self.count, offset)}: not UTF-8 text (bytes {seq!r}: {reason}); "
+                                "the data file must be UTF-8 JSON")
         if self.eof:
             return False
         block = self.f.read(_BLOCK)
         self.eof = not block
-        self.text = self.text[self.pos:] + self.decoder.decode(block, final=self.eof)
+        pending = len(self.decoder.getstate()[0])  # bytes of a sequence cut by the previous block
+        try:
+            new = self.decoder.decode(block, final=self.eof)
+        except UnicodeDecodeError as e:
+            new = e.object[:e.start].decode("utf-8")
+            self.bad = (self.bytes_read - pending + e.start, e.object[e.start:e.end], e.reason)
+        self.bytes_read += len(block)
+        self.text = self.text[self.pos:] + new
         self.pos = 0
-        return bool(block)
+        return bool(block) or self.bad is not None  # the next call raises
 
     def _advance(self, new_pos: int) -> None:
-        skipped = self.text[self.pos:new_pos]
-        self.byte_pos += len(skipped) if skipped.isascii() else len(skipped.encode("utf-8"))
+        self.byte_pos += self._bytes(self.pos, new_pos)
         self.pos = new_pos
+
+    def _bytes(self, start: int, end: int) -> int:
+        skipped = self.text[start:end]
+        return len(skipped) if skipped.isascii() else len(skipped.encode("utf-8"))
 
     def _peek(self) -> str:
         """Next non-whitespace character ("" at end of file), consuming the whitespace."""
@@ -60,8 +87,10 @@ class _Scanner:
             if self.pos < len(self.text) or not self._fill():
                 return self.text[self.pos:self.pos + 1]
 
-    def _error(self, what: str) -> ValueError:
-        return ValueError(f"{self.path} is not a JSON list of LLaVA records: {what} at byte {self.byte_pos}")
+    def _error(self, what: str, record: bool = True, at: int | None = None) -> DataFileError:
+        """The error at the cursor, or at character `at` of the buffer."""
+        offset = self.byte_pos + (self._bytes(self.pos, at) if at is not None else 0)
+        return DataFileError(f"{_where(self.path, self.count if record else None, offset)}: {what}")
 
     def _value_end(self) -> int:
         """End of the JSON value at the cursor, reading more blocks while the buffer cuts it off."""
@@ -73,32 +102,65 @@ class _Scanner:
                     return end
                 self._fill()
             except json.JSONDecodeError as e:
-                if len(self.text) - self.pos > _MAX_RECORD or not self._fill():
-                    raise self._error(e.msg) from None
+                rel = e.pos - self.pos  # _fill re-bases the buffer at the cursor
+                msg = e.msg[:-3] + " here" if e.msg.endswith(" starting at") else e.msg
+                if len(self.text) - self.pos > _MAX_RECORD:
+                    raise self._error(f"invalid JSON ({msg}) in a record over {_MAX_RECORD >> 20} MB",
+                                      at=self.pos + rel) from None
+                if not self._fill():
+                    at = self.pos + rel
+                    cut = " (the file ends inside this record: cut short?)" \
+                        if at >= len(self.text.rstrip()) or msg.startswith("Unterminated string") else ""
+                    raise self._error(f"invalid JSON: {msg}{cut}", at=at) from None
 
     def spans(self):
-        if self._peek() != "[":
-            raise self._error("expected '['")
+        if self._peek() == "\ufeff" and self.byte_pos == 0:  # a UTF-8 byte order mark, as some editors write
+            self._advance(self.pos + 1)
+        c = self._peek()
+        if c != "[":
+            found = {"{": "a JSON object", "": "an empty file"}.get(c, repr(c))
+            raise self._error(f"not a JSON list of LLaVA records: found {found} where the list's '[' should be "
+                              "(the file must read [{...}, {...}, ...])", record=False)
         self._advance(self.pos + 1)
         if self._peek() == "]":
+            self._advance(self.pos + 1)
+            self._check_end()
             return
         while True:
             start = self.byte_pos
             self._advance(self._value_end())
             yield start, self.byte_pos
+            self.count += 1
             c = self._peek()
             if c == "]":
+                self._advance(self.pos + 1)
+                self._check_end()
                 return
             if c != ",":
-                raise self._error(f"expected ',' or ']', found {c!r}")
+                found = "the end of the file (cut short?)" if c == "" else repr(c)
+                raise self._error(f"expected ',' or ']' after record {self.count - 1}, found {found}")
             self._advance(self.pos + 1)
             self._peek()
 
+    def _check_end(self) -> None:
+        c = self._peek()
+        if c:
+            raise self._error(f"found {c!r} after the list's closing ']': the file must hold one JSON list",
+                              record=False)
+
 
 def build_offsets(path: Path) -> np.ndarray:
-    """[N, 2] int64 byte spans (start, end) of the records of the JSON list at `path`."""
-    with open(path, "rb") as f:
-        spans = np.fromiter((x for span in _Scanner(f, path).spans() for x in span), dtype=np.int64)
+    """[N, 2] int64 byte spans (start, end) of the records of the JSON list at `path`; DataFileError when the file
+    is not a UTF-8 JSON list."""
+    try:
+        with open(path, "rb") as f:
+            spans = np.fromiter((x for span in _Scanner(f, path).spans() for x in span), dtype=np.int64)
+    except IsADirectoryError:
+        raise DataFileError(f"{path}: is a folder, not a JSON file") from None
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataFileError(f"{path}: cannot be read: {e.strerror or e}") from None
     return spans.reshape(-1, 2)
 
 
@@ -141,4 +203,9 @@ class JsonListIndex:
             return f.read(end - start)
 
     def __getitem__(self, i: int):
-        return json.loads(self.read(i))
+        raw = self.read(i)
+        try:
+            return json.loads(raw)
+        except ValueError as e:  # UnicodeDecodeError or JSONDecodeError: the file changed after it was indexed
+            raise DataFileError(f"{_where(self.path, i, int(self.offsets[i][0]))}: cannot be parsed ({e}); was the "
+                                "file changed in place after it was indexed?") from None

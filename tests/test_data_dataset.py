@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import data.json_index as json_index
-from data import (SUBSETS, Collator, JsonListIndex, LLaVADataset, load_tokenizer, make_demo_tokenizer,
-                  make_synthetic_dataset, resolve_subset)
+from data import (SUBSETS, Collator, DataFileError, JsonListIndex, LLaVADataset, load_tokenizer,
+                  make_demo_tokenizer, make_synthetic_dataset, resolve_subset)
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +167,13 @@ def test_index_errors_and_empty_list(tmp_path):
     (tmp_path / "empty.json").write_text("[ ]")
     assert len(JsonListIndex(tmp_path / "empty.json", tmp_path)) == 0
     (tmp_path / "obj.json").write_text('{"id": 1}')
-    with pytest.raises(ValueError, match=r"not a JSON list.*expected '\['"):
+    with pytest.raises(DataFileError, match=r"obj.json: byte offset 0: not a JSON list.*found a JSON object"):
         JsonListIndex(tmp_path / "obj.json", tmp_path)
     (tmp_path / "bad.json").write_text('[{"id": 1}, {"id": 2,}]')
-    with pytest.raises(ValueError, match="not a JSON list.*at byte 12"):
+    with pytest.raises(DataFileError, match="bad.json: record 1 / byte offset 21: invalid JSON"):
         JsonListIndex(tmp_path / "bad.json", tmp_path)
     (tmp_path / "cut.json").write_text('[{"id": 1}, {"id": 2}')
-    with pytest.raises(ValueError, match="not a JSON list"):
+    with pytest.raises(ValueError, match="cut.json: record 2 / byte offset 21: .*found the end of the file"):
         JsonListIndex(tmp_path / "cut.json", tmp_path)
 
 

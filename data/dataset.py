@@ -1,12 +1,14 @@
 """Lazy LLaVA-format dataset and its collator (mobilevlm-v2.md 1.5, 2, 4.4).
 
-A bad sample (missing or corrupt image, malformed record, two images, too long, nothing to supervise) comes back as
+A bad sample (missing or corrupt image, an image path that leads out of the image folder, malformed record, two
+images, too long, nothing to supervise) comes back as
 a sentinel `{"skip": reason, "id", "detail"}` instead of an exception, so one bad record never ends an epoch; the
 collator drops sentinels, counts them per reason, and logs the first of each reason.
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("missing_image", "corrupt_image", "bad_record", "two_images", "too_long", "no_supervised_tokens")
+SKIP_REASONS = ("missing_image", "corrupt_image", "image_outside_folder", "bad_record", "two_images", "too_long",
+                "no_supervised_tokens")
 LAYOUT_HINT = ("MobileVLM's layout under --data-root: pretrain_data/share-captioner_coco_lcs_sam_1246k_1107.json "
                "with its images under pretrain_data/, and finetune_data/MobileVLM_V2_FT_Mix2M.json with its images "
                "under finetune_data/")
@@ -50,6 +53,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         if image_mode not in IMAGE_MODES:
             raise ValueError(f"unknown image mode {image_mode!r}; choose one of {IMAGE_MODES}")
         self.image_folder, self.tokenizer, self.template = image_folder, tokenizer, template
+        self._real_folder = os.path.realpath(image_folder)
         self.image_mode, self.max_len = image_mode, max_len
         self.index = JsonListIndex(json_path, cache_dir)
 
@@ -76,13 +80,21 @@ class LLaVADataset(torch.utils.data.Dataset):
         image = None
         if has_image:
             path = self.image_folder / record["image"]
-            if not path.is_file():
+            # an absolute path, "..", or a symlink may lead anywhere: only files inside the folder are opened
+            try:
+                real = os.path.realpath(path)
+            except ValueError as e:  # a NUL character
+                return _skip("bad_record", record_id, f"'image' {record['image']!r:.120}: {e}")
+            if os.path.commonpath([real, self._real_folder]) != self._real_folder:
+                return _skip("image_outside_folder", record_id, f"{record['image']!r:.120} resolves to {real}, "
+                                                                f"outside the image folder {self._real_folder}")
+            if not os.path.isfile(real):
                 return _skip("missing_image", record_id, str(path))
             # as MobileVLM's train.py: a truncated file yields its decodable part (set here, not at import, so
             # that only training processes get this global PIL setting)
             ImageFile.LOAD_TRUNCATED_IMAGES = True
             try:
-                with Image.open(path) as img:
+                with Image.open(real) as img:
                     image = process_image(img, self.image_mode)
             except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError...)
                 return _skip("corrupt_image", record_id, f"{path}: {type(e).__name__}: {e}")

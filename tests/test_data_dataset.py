@@ -80,6 +80,46 @@ def test_bad_samples_are_skipped_and_counted_never_raised(tok, bad_data, tmp_pat
     assert not any("missing2" in w for w in warnings)
 
 
+def test_image_paths_must_stay_inside_the_image_folder(tok, tmp_path, caplog):
+    """An absolute path, "..", or a symlink that leads out of the image folder is skipped and counted, never opened;
+    a symlink or ".." that stays inside still loads."""
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "img").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(outside / "secret.png")
+    Image.new("RGB", (20, 20), (0, 255, 0)).save(root / "img" / "real.png")
+    (root / "img" / "out.png").symlink_to(outside / "secret.png")
+    (root / "img" / "in.png").symlink_to(root / "img" / "real.png")
+    (root / "linked").symlink_to(outside)  # a linked folder that leads out
+    cases = {"absolute": str(outside / "secret.png"), "dotdot": "../elsewhere/secret.png",
+             "symlink-out": "img/out.png", "folder-link-out": "linked/secret.png",
+             "absolute-missing": "/nonexistent.png", "symlink-in": "img/in.png", "dotdot-in": "img/../img/real.png",
+             "absolute-in": str(root / "img/real.png")}
+    records = [{"id": k, "image": v, "conversations": _conv("<image>\nWhat color?", "Green.")}
+               for k, v in cases.items()]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    ds = LLaVADataset(tmp_path / "data.json", root, tok, "v1", "pad", 300, cache_dir=tmp_path / "cache")
+    items = {it["id"]: it for it in (ds[i] for i in range(len(ds)))}
+    out = ["absolute", "dotdot", "symlink-out", "folder-link-out", "absolute-missing"]
+    assert {k: items[k].get("skip") for k in out} == dict.fromkeys(out, "image_outside_folder")
+    assert str(outside / "secret.png") in items["symlink-out"]["detail"]
+    assert f"outside the image folder {root.resolve()}" in items["dotdot"]["detail"]
+    for k in ("symlink-in", "dotdot-in", "absolute-in"):
+        assert "skip" not in items[k] and items[k]["image"].shape == (3, 336, 336)
+    with caplog.at_level(logging.WARNING, logger="data.dataset"):
+        batch = Collator()(list(items.values()))
+    assert batch["skipped"] == Counter({"image_outside_folder": 5}) and len(batch["ids"]) == 3
+    assert any("image_outside_folder" in r.getMessage() for r in caplog.records)
+
+
+def test_image_path_with_a_nul_character_is_a_bad_record(tok, tmp_path):
+    (tmp_path / "img").mkdir()
+    rec = {"id": "nul", "image": "img/a\u0000.png", "conversations": _conv("<image>\nQ?", "A.")}
+    (tmp_path / "data.json").write_text(json.dumps([rec]))
+    ds = LLaVADataset(tmp_path / "data.json", tmp_path, tok, "v1", "pad", 300, cache_dir=tmp_path / "cache")
+    assert ds[0]["skip"] == "bad_record"
+
+
 def test_too_long_counts_the_144_image_tokens(tok, bad_data, tmp_path):
     path, root = bad_data
     n = len(LLaVADataset(path, root, tok, "v1", "pad", 10_000, tmp_path)[0]["input_ids"])

@@ -4,6 +4,7 @@
     attention_alignment_and_focus(...same...) -> (scalar, [B, L] fp32)
     text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None) -> [B, L] float32
     attention_row_lse(q, k, row_mask, attention_mask=None) -> [B, H, L] float32
+    attention_kl_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, mix, attention_mask=None) -> scalar
     projection_kd_loss(f_t, f_s, weight, bias, focus_idx=None) -> (loss_all, loss_focus)
     logit_kd_loss(h_s, w_s, h_t, w_t, kind="forward", temperature=1.0) -> scalar
 
@@ -34,6 +35,7 @@ from .dispatch import (
     BACKENDS,
     attention_alignment_and_focus,
     attention_alignment_loss,
+    attention_kl_loss,
     attention_row_lse,
     chunked_cross_entropy,
     fused_logit_kd_and_ce,
@@ -49,6 +51,7 @@ __all__ = [
     "BACKENDS",
     "attention_alignment_and_focus",
     "attention_alignment_loss",
+    "attention_kl_loss",
     "attention_row_lse",
     "chunked_cross_entropy",
     "fused_logit_kd_and_ce",

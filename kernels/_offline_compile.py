@@ -2,12 +2,13 @@
 
     python -m kernels._offline_compile --sm 86 --sm 90
 
-Runs the real host code (``attention_alignment_triton``, ``text_focus_triton``, ``projection_kd_triton``) on CPU
-tensors of the real shapes (MobileVLM V2 layer 0: 32/16 heads, head dim 128, L=2048, 144 vision tokens; projection
-4096 -> 2048) with every kernel launch replaced by ``JITFunction.warmup`` against a stand-in driver that reports the
-requested target. So each kernel is compiled, down to a cubin, with exactly the specializations (block sizes, dtypes,
-strides) a real launch would get, for bf16 and fp32 inputs. Exit status 1 if any kernel needs more than SMEM_LIMIT
-(99 KB: RTX 3090/4090) of shared memory; 3 if this triton version lacks the internals used here.
+Runs the real host code (``attention_alignment_triton``, ``text_focus_triton``, ``attention_kl_triton``,
+``projection_kd_triton``) on CPU tensors of the real shapes (MobileVLM V2 layer 0: 32/16 heads, head dim 128,
+L=2048, 144 vision tokens; projection 4096 -> 2048) with every kernel launch replaced by ``JITFunction.warmup``
+against a stand-in driver that reports the requested target. So each kernel is compiled, down to a cubin, with
+exactly the specializations (block sizes, dtypes, strides) a real launch would get, for bf16 and fp32 inputs. Exit
+status 1 if any kernel needs more than SMEM_LIMIT (99 KB: RTX 3090/4090) of shared memory; 3 if this triton version
+lacks the internals used here.
 
 Must run in a fresh process without TRITON_INTERPRET (tests/test_triton_kernels.py starts it as a subprocess).
 Uses triton internals (driver.set_active, JITFunction.warmup); checked with triton 3.9.
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
         print(f"triton {triton.__version__}: internals not available ({e})")
         return 3
 
-    from . import _lse, attention_alignment as aa, projection_kd as pk
+    from . import _lse, attention_alignment as aa, attention_kl as akl, projection_kd as pk
 
     sm_holder = {"sm": 86}
 
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
         b = torch.zeros(hs, requires_grad=True)
         aa.attention_alignment_triton(q_t, k_t, q_s, k_s, tm, vm, w, b, am, need_focus=True)
         aa.text_focus_triton(q_t, k_t, tm, vm, am)
+        akl.attention_kl_triton(q_t, k_t, q_s, k_s, tm, vm, w, am)
 
     def projection(B=2):
         f_t = torch.zeros(B, 144, 4096, dtype=torch.bfloat16)
@@ -116,8 +118,8 @@ def main(argv=None) -> int:
         for sm in args.sm or [86]:
             sm_holder["sm"] = sm
             driver.set_active(_Driver())
-            for fn in (_lse._row_lse_kernel, aa._align_kernel, aa._dk_kernel, pk._proj_fwd_kernel,
-                       pk._proj_bwd_kernel):
+            for fn in (_lse._row_lse_kernel, aa._align_kernel, aa._dk_kernel, akl._vision_lse_kernel,
+                       akl._kl_kernel, pk._proj_fwd_kernel, pk._proj_bwd_kernel):
                 fn.device_caches.clear()  # the binder caches the target per device
             compiled.clear()
             for dt in (torch.bfloat16, torch.float32):
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
             for name, k, kern in compiled:
                 blocks = ",".join(f"{a[6:]}={v}" for a, v in k.items() if a.startswith("BLOCK_") and a[6] != "D")
                 if "HS_G" in k:
-                    blocks += f",HS_G={k['HS_G']}" + ("" if k.get("NEED_LOSS") else " focus-only")
+                    blocks += f",HS_G={k['HS_G']}" + (" focus-only" if k.get("NEED_FOCUS") and not k.get("NEED_LOSS")
+                                                      else "")
                 prec = k.get("PREC", k.get("PREC_S", ""))
                 key = (name, blocks, prec)
                 if key in seen:

@@ -6,10 +6,10 @@ Backends
 ``ALIGNKD_BACKEND`` (same three values), so a run can be forced without code changes; an explicit "triton" or
 "reference" keyword wins over the variable.
 
-- attention alignment / text focus / projection KD: "auto" runs the Triton kernels (``kernels.attention_alignment``,
-  ``kernels.projection_kd``) for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1``; otherwise
-  ``kernels.reference``. If the Triton modules cannot be imported, "auto" falls back to the reference with a one-time
-  warning; "triton" raises.
+- attention alignment / text focus / attention KL / projection KD: "auto" runs the Triton kernels
+  (``kernels.attention_alignment``, ``kernels.attention_kl``, ``kernels.projection_kd``) for CUDA tensors, and for
+  CPU tensors when ``TRITON_INTERPRET=1``; otherwise ``kernels.reference``. If the Triton modules cannot be
+  imported, "auto" falls back to the reference with a one-time warning; "triton" raises.
 - logit KD: "auto" and "triton" run Liger-Kernel's chunked fused-linear distillation (plain PyTorch, any device; never
   the full [N, V] logits of both models at once); "reference" materializes the logits.
 
@@ -115,6 +115,14 @@ def attention_row_lse(q, k, row_mask, attention_mask=None, *, backend=None):
     if fn is None:
         return reference.attention_row_lse(q, k, row_mask, attention_mask)
     return fn(q, k, row_mask, attention_mask)
+
+
+def attention_kl_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, mix, attention_mask=None, *, backend=None):
+    """Attention KL (fp32 scalar); semantics of ``kernels.reference.attention_kl_loss``."""
+    fn = _triton_impl("attention_kl", "attention_kl_triton", q_s.device, backend)
+    if fn is None:
+        return reference.attention_kl_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, mix, attention_mask)
+    return fn(q_t, k_t, q_s, k_s, text_mask, vision_mask, mix, attention_mask)
 
 
 def projection_kd_loss(f_t, f_s, weight, bias, focus_idx=None, *, backend=None):
@@ -328,6 +336,7 @@ __all__ = [
     "attention_alignment_loss",
     "text_focus",
     "attention_row_lse",
+    "attention_kl_loss",
     "projection_kd_loss",
     "logit_kd_loss",
     "fused_logit_kd_and_ce",

@@ -28,6 +28,7 @@ __all__ = [
     "attention_alignment_and_focus",
     "text_focus",
     "attention_row_lse",
+    "attention_kl_loss",
     "projection_kd_loss",
     "logit_kd_loss",
 ]
@@ -185,6 +186,62 @@ def text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None, teacher_ls
     rows, cols, pairs = _pair_set(text_mask, vision_mask)
     p_t = _text_vision_probs(q_t, k_t, rows, cols, attention_mask, teacher_lse)
     return _scatter_focus(p_t, rows, cols, pairs, text_mask.shape[1])
+
+
+def _vision_log_probs(q, k, rows, cols, valid) -> torch.Tensor:
+    """log Pv [B, H, T, V] fp32: log-softmax of the scores of the query rows `rows` over each row's vision keys only
+    (valid [B, T, V] marks V_i), 0 outside V_i. Only the key columns `cols` of k are read."""
+    B, H, _, D = k.shape
+    V = cols.shape[1]
+    k_cols = k.float().gather(2, cols[:, None, :, None].expand(B, H, V, D))  # [B, H, V, D]
+    s = _row_scores(q, k_cols, rows).masked_fill(~valid[:, None], float("-inf"))
+    # rows with an empty V_i: a finite row (keeps NaN out of forward and backward), masked below
+    s = s.masked_fill(~valid.any(-1)[:, None, :, None], 0.0)
+    logp = s - torch.logsumexp(s, -1, keepdim=True)
+    return torch.where(valid[:, None], logp, torch.zeros_like(logp))
+
+
+def attention_kl_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, mix, attention_mask=None):
+    """Normalized attention alignment ("attention KL"): fp32 scalar.
+
+    The MSE of ``attention_alignment_loss`` compares probabilities of order 1/L; this compares *distributions over
+    the vision keys*, so it is O(1). q_t, k_t [B, Ht, L, D_t], q_s, k_s [B, Hs, L, D_s] as above; mix [Hs, Ht]
+    mixes teacher heads (the caller passes a row-stochastic one, e.g. a softmax; nothing here assumes it).
+
+    V_i = {j : vision_mask[b, j], j < i, attention_mask[b, j] (if given)} for each text row i (text_mask[b, i]);
+        rows with an empty V_i are left out.
+    Pv[b, h, i, j] = exp(s_ij - lseV_i) for j in V_i, s_ij = q_i k_j / sqrt(D), lseV_i = logsumexp_{j in V_i} s_ij:
+        softmax restricted to the vision keys (P renormalized over V_i), for teacher heads and student heads.
+    m[b, hs, i, j] = sum_ht mix[hs, ht] Pv_t[b, ht, i, j]: the target of student head hs.
+    L = mean over (b, i with V_i non-empty, hs) of KL(m || Pv_s) = sum_{j in V_i} m_ij (log m_ij - log Pv_s_ij),
+        i.e. the sum divided by (number of such rows) * Hs.
+    0 log 0 = 0: the entropy term m log m counts only where m_ij > 0 and has no derivative elsewhere (so a mix with
+    zeros gives finite gradients); -m log Pv_s is linear in m and counts everywhere. (m < 0 only comes from a mix
+    with negative entries; m log m is then taken as 0 as well.) Math in fp32; inputs may be bf16/fp16.
+    An empty set of rows gives an exact zero fp32 scalar that still backpropagates (zero gradients).
+
+    Gradients flow to q_s, k_s and mix; q_t, k_t are constants. With N = rows * Hs:
+        dL/ds_s_ij = ((sum_j' m_ij') Pv_s_ij - m_ij) / N on V_i, so only vision columns get dk_s, only text rows dq_s;
+        dL/dmix[hs, ht] = sum_{b, i, j in V_i} Pv_t[b, ht, i, j] ([m_ij > 0] (log m_ij + 1) - log Pv_s_ij) / N
+        (= sum Pv_t (log m + 1 - log Pv_s) / N when every m_ij > 0, as with a softmax mix).
+    The teacher side needs its queries at the text rows and its keys at the vision columns only (no full-row LSE):
+    a teacher cache that stores k_t at the vision positions is enough.
+    """
+    _check_qk(q_t, k_t, q_s, k_s)
+    Hs, Ht = q_s.shape[1], q_t.shape[1]
+    if tuple(mix.shape) != (Hs, Ht):
+        raise ValueError(f"mix must be [Hs, Ht] = [{Hs}, {Ht}], got {tuple(mix.shape)}")
+    rows, cols, valid = _pair_set(text_mask, vision_mask)  # [B, T, V]: vision j < text i
+    if attention_mask is not None:
+        valid = valid & attention_mask.bool().gather(1, cols)[:, None, :]
+    with torch.no_grad():
+        p_t = _vision_log_probs(q_t.detach(), k_t.detach(), rows, cols, valid).exp() * valid[:, None]
+    logp_s = _vision_log_probs(q_s, k_s, rows, cols, valid)  # 0 outside V_i, where m = 0 too
+    m = torch.einsum("sh,bhtv->bstv", mix.float(), p_t)  # [B, Hs, T, V]
+    pos = (m > 0) & valid[:, None]
+    m_log_m = torch.where(pos, m * torch.where(pos, m, torch.ones_like(m)).log(), torch.zeros_like(m))
+    n = int(valid.any(-1).sum()) * Hs
+    return (m_log_m - m * logp_s).sum() / max(n, 1)  # no rows: an exact zero that is still part of the graph
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,18 +1,22 @@
 """Evaluate MobileVLM V2 on the six benchmarks it reports: GQA, ScienceQA-IMG, TextVQA, POPE, MME, MMBench-dev.
 
     python eval.py --bench all --model PATH --data-root DIR [--out DIR] [--limit N] [--batch-size 16]
-    python eval.py --bench pope --score-only --answers FILE --data-root DIR    # answers made elsewhere
+    python eval.py --bench pope --score-only --answers FILE --data-root DIR [--strict]   # answers made elsewhere
     python eval.py --compare A/metrics.json B/metrics.json [--chart cmp.png]
     python eval.py --bench demo                                               # synthetic data, tiny model
 
 Prompts, preprocessing, decoding and metrics follow reference/mobilevlm-v2.md section 5. Answers go to
-`OUT/<bench>.jsonl` (LLaVA format) as they are produced; a rerun skips the questions already answered.
+`OUT/<bench>.jsonl` (LLaVA format) as they are produced; a rerun skips the questions already answered (answers of
+another model in that file are refused). Every benchmark reports answered / expected questions, on screen and in
+metrics.json; a question without an answer counts as wrong and is warned about (an error with --strict), an answer
+file that answers none of the questions or holds a line that is not an answer is an error.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.benchmarks import (BENCHMARKS, MissingDataError, Question, answer_key, check_data, limit_questions,
-                             load_questions, read_answers)
+from data.benchmarks import (BENCHMARKS, AnswerFileError, MissingDataError, Question, answer_key, answers_by_key,
+                             check_data, limit_questions, load_questions, read_answer_records)
 from data.constants import NUM_IMAGE_TOKENS
 from data.images import process_image
 from data.scorers import score_benchmark
@@ -29,6 +33,10 @@ from data.templates import build_prompt
 
 LABELS = {"gqa": "GQA", "sqa": "SQA-I", "textvqa": "TextVQA", "pope": "POPE", "mme": "MME-P", "mmbench": "MMB-dev"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class EvalError(Exception):
+    """A run that cannot go on or did not meet --strict; the command line prints it as one `error: ...` line."""
 
 
 # ---- answers on disk -----------------------------------------------------------------------------------------------
@@ -39,20 +47,22 @@ def _answered(path: Path, bench: str, model_id: str) -> set[str]:
     raw = path.read_bytes()
     if raw and not raw.endswith(b"\n"):
         path.write_bytes(raw[:raw.rfind(b"\n") + 1])
-    for line in path.read_text().splitlines():
-        owner = json.loads(line).get("model_id", model_id) if line.strip() else model_id
+    records, _ = read_answer_records(path)
+    for _, _, r in records:
+        owner = r.get("model_id", model_id)
         if owner != model_id:
-            raise SystemExit(f"{path} holds answers of model {owner!r}, not {model_id!r}: "
+            raise SystemExit(f"error: {path} holds answers of model {owner!r}, not {model_id!r}: "
                              "pass another --out or remove the file")
-    return set(read_answers(path, bench))
+    return set(answers_by_key(records, bench))
 
 
 def _sort_answer_file(path: Path, questions: list[Question], bench: str) -> None:
     """Rewrite the answers in question-file order, as the original scripts write them (their POPE and MME scorers
     pair answers by position); lines for questions outside this run stay at the end."""
     order = {q.key: i for i, q in enumerate(questions)}
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keys = [answer_key(bench, r["question_id"], r["prompt"]) for r in map(json.loads, lines)]
+    records, _ = read_answer_records(path)
+    lines = [line for _, line, _ in records]
+    keys = [answer_key(bench, r["question_id"], r["prompt"]) for _, _, r in records]
     ranked = sorted(range(len(lines)), key=lambda i: order.get(keys[i], len(order)))
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(lines[i] + "\n" for i in ranked))
@@ -115,13 +125,25 @@ def average(summary: dict[str, float]) -> float | None:
     return sum(summary[b] / 20 if b == "mme" else summary[b] for b in BENCHMARKS) / len(BENCHMARKS)
 
 
-def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
-    width = max([len("model")] + [len(name) for name, _ in rows])
-    lines = [f"{'model':<{width}}" + "".join(f"{LABELS[b]:>10}" for b in BENCHMARKS) + f"{'Avg':>8}"]
-    for name, summary in rows:
-        cells = "".join(f"{summary[b]:>10.2f}" if b in summary else f"{'-':>10}" for b in BENCHMARKS)
+def answer_counts(metrics: dict) -> dict[str, tuple[int, int]]:
+    """{bench: (answered, expected)} of a metrics.json (empty for files written before these counts existed)."""
+    return {b: (r["answered"], r["expected"]) for b, r in metrics.get("benchmarks", {}).items() if "expected" in r}
+
+
+def format_table(rows: list[tuple[str, dict[str, float]]],
+                 counts: list[dict[str, tuple[int, int]]] | None = None) -> str:
+    """One line of scores per model; with `counts`, an `answered` line under it: answers / questions per benchmark."""
+    counts = counts or [{} for _ in rows]
+    shown = [{b: f"{a}/{e}" for b, (a, e) in c.items()} for c in counts]
+    col = max([10] + [len(x) + 2 for c in shown for x in c.values()])
+    width = max([len("model"), len("  answered") if any(shown) else 0] + [len(name) for name, _ in rows])
+    lines = [f"{'model':<{width}}" + "".join(f"{LABELS[b]:>{col}}" for b in BENCHMARKS) + f"{'Avg':>8}"]
+    for (name, summary), answered in zip(rows, shown):
+        cells = "".join(f"{summary[b]:>{col}.2f}" if b in summary else f"{'-':>{col}}" for b in BENCHMARKS)
         avg = average(summary)
         lines.append(f"{name:<{width}}" + cells + (f"{avg:>8.2f}" if avg is not None else f"{'-':>8}"))
+        if answered:
+            lines.append(f"{'  answered':<{width}}" + "".join(f"{answered.get(b, '-'):>{col}}" for b in BENCHMARKS))
     return "\n".join(lines)
 
 
@@ -147,15 +169,16 @@ def _details(bench: str, r: dict) -> str:
              "mmbench": f"copies not inferred {r.get('copies_not_inferred')}, "
                         f"questions undecided {r.get('questions_undecided')}"}.get(bench, "")
     return f"{LABELS[bench]:>8}: {r['score']:.2f} over {r['n']}" + (f" ({extra})" if extra else "") + \
-        (f"  [{r['missing']} without an answer]" if r.get("missing") else "")
+        f"  [answered {r['answered']}/{r['expected']}]"
 
 
 def compare(files: list[str], chart: str | None) -> str:
-    rows = []
+    rows, counts = [], []
     for f in files:
         m = json.loads(Path(f).read_text())
         rows.append((Path(m.get("model", f)).name or f, m["summary"]))
-    table = format_table(rows)
+        counts.append(answer_counts(m))
+    table = format_table(rows, counts)
     if chart:
         plot_chart(rows, chart)
     return table
@@ -201,21 +224,61 @@ def evaluate(benches: list[str], root: Path, out: Path, model_id: str, model=Non
             print(f"{bench}: answers in {path} ({time.perf_counter() - t0:.0f}s)")
             if skipped:
                 print(f"{bench}: {len(skipped)} questions skipped, image not readable; first: {skipped[:3]}")
-        elif not path.exists():
-            raise SystemExit(f"no answer file {path} to score")
-        r = score_benchmark(bench, questions, read_answers(path, bench), root)
-        results[bench] = {**r, "answers": str(path), "limit": limit, "images_unreadable": len(skipped)}
-        print(_details(bench, r))
+        elif not path.is_file():
+            raise SystemExit(f"error: no answer file {path} to score")
+        records, cut = read_answer_records(path)
+        given = answers_by_key(records, bench)
+        answered, expected = sum(q.key in given for q in questions), len(questions)
+        if expected and not answered:
+            raise AnswerFileError(_no_answers(bench, path, questions, given, cut, skipped))
+        r = score_benchmark(bench, questions, given, root)
+        results[bench] = {**r, "answered": answered, "expected": expected, "answers": str(path), "limit": limit,
+                          "images_unreadable": len(skipped)}
+        print(_details(bench, results[bench]))
+        if answered < expected:
+            keys = {q.key for q in questions}
+            unmatched = sum(k not in keys for k in given) if limit is None else 0
+            print(f"warning: {bench}: {expected - answered} of {expected} questions have no answer in {path}; "
+                  + ("they are left out of the F1" if bench == "pope" else "they count as wrong")
+                  + (f"; {unmatched} of its answers are for no question of {bench}" if unmatched else "")
+                  + (f"; its last line ({cut}) is cut short and was ignored" if cut else "")
+                  + " (--strict makes this an error)", file=sys.stderr)
     return update_metrics(out / "metrics.json", model_id, results)
 
 
+def _no_answers(bench: str, path: Path, questions: list[Question], given: dict[str, str], cut: int | None,
+                skipped: list[str]) -> str:
+    """Why not one question of a benchmark has an answer (a score of 0 from that would mean nothing)."""
+    if skipped:
+        return f"{bench}: no question answered: {len(skipped)} images unreadable; first: {skipped[:3]}"
+    if not given:
+        return f"{path}: no answers in the file" + (f" (its only line, {cut}, is cut short)" if cut else "")
+
+    def examples(keys) -> str:
+        return ", ".join(repr(k)[:40] for k in list(keys)[:3])
+
+    by = "question_id and prompt" if bench in ("textvqa", "mme") else "question_id"
+    return (f"{path}: none of its answers ({len(given)}) is for a question of {bench} (matched by {by}; the file "
+            f"has {examples(given)}, the questions are {examples(q.key for q in questions)}): an answer file of "
+            "another benchmark?")
+
+
 def load_model(path: str, dtype: str, vision_tower: str | None):
+    """The model and tokenizer of a checkpoint folder; EvalError (one line) when they cannot be loaded."""
     from data.tokenizer import load_tokenizer
     from model import MobileVLM
 
+    if not Path(path).is_dir():
+        raise EvalError(f"model folder {path} does not exist (--model takes a MobileVLM V2 checkpoint folder: "
+                        "config.json, pytorch_model*.bin or model*.safetensors, tokenizer.model)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = MobileVLM.from_pretrained(path, vision_tower=vision_tower, dtype=DTYPES[dtype], device=device)
-    return model.eval(), load_tokenizer(path)
+    try:
+        tokenizer = load_tokenizer(path)  # the small file first: a missing one fails before the model loads
+        model = MobileVLM.from_pretrained(path, vision_tower=vision_tower, dtype=DTYPES[dtype], device=device)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise EvalError(f"cannot load the model in {path}: {msg}") from None
+    return model.eval(), tokenizer
 
 
 def demo(out: Path, batch_size: int, model_path: str | None = None) -> dict:
@@ -232,9 +295,8 @@ def demo(out: Path, batch_size: int, model_path: str | None = None) -> dict:
         model, model_id = MobileVLM.tiny(seed=0, vocab_size=tokenizer.vocab_size).eval(), "tiny-demo"
     else:
         model, tokenizer = load_model(model_path, "fp32", None)
-        model_id = Path(model_path).name
-    for f in list(out.glob("*.jsonl")) + [out / "metrics.json"]:
-        f.unlink(missing_ok=True)  # a fresh run every time
+        model_id = str(Path(model_path).resolve())
+    # answers already in `out` are kept (a rerun resumes); those of another model are refused by generate_answers
     return evaluate(list(BENCHMARKS), root, out, model_id, model, tokenizer, batch_size=batch_size,
                     max_new_tokens=16)
 
@@ -251,6 +313,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-tower", help="local CLIP ViT-L/14-336 folder, if config.json names a hub id")
     p.add_argument("--max-new-tokens", type=int, help="override the per-benchmark limit (quick looks only)")
     p.add_argument("--score-only", action="store_true", help="score existing answers, load no model")
+    p.add_argument("--strict", action="store_true",
+                   help="exit non-zero when a question has no answer (else a warning; answered/expected is printed)")
     p.add_argument("--answers", type=Path, help="with --score-only and one benchmark: the answer file to score")
     p.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print several metrics.json side by side")
     p.add_argument("--chart", help="with --compare: write a bar chart PNG")
@@ -263,27 +327,31 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(compare(args.compare, args.chart))
         return None
     if args.bench is None:
-        raise SystemExit("pass --bench (or --compare)")
+        raise SystemExit(f"error: pass --bench ({', '.join([*BENCHMARKS, 'all', 'demo'])}) or --compare")
     if args.bench == "demo":
         out = args.out or Path("runs/eval/demo")
         metrics = demo(out, args.batch_size, args.model)
         name = Path(args.model).name if args.model else "tiny-demo (random weights)"
-        print(format_table([(name, metrics["summary"])]))
+        print(format_table([(name, metrics["summary"])], [answer_counts(metrics)]))
+        _check_strict(args, metrics, list(BENCHMARKS))
         return metrics
+    needs = []
+    if args.model is None and not args.score_only:
+        needs.append("--model PATH (a MobileVLM V2 checkpoint folder; or --score-only to score answer files)")
     if args.data_root is None:
-        raise SystemExit("pass --data-root DIR (LLaVA's playground/data/eval layout)")
+        needs.append("--data-root DIR (LLaVA's playground/data/eval layout)")
+    if needs:
+        raise SystemExit(f"error: --bench {args.bench} needs " + " and ".join(needs))
     benches = list(BENCHMARKS) if args.bench == "all" else [args.bench]
     if args.answers and (not args.score_only or len(benches) > 1):
-        raise SystemExit("--answers goes with --score-only and a single --bench")
+        raise SystemExit("error: --answers goes with --score-only and a single --bench")
     if args.score_only:
         if args.answers is None and args.out is None:
-            raise SystemExit("--score-only needs --answers FILE or --out DIR (holding <bench>.jsonl)")
+            raise SystemExit("error: --score-only needs --answers FILE or --out DIR (holding <bench>.jsonl)")
         out = args.out or Path("runs/eval") / args.answers.stem
         model_id = args.model or str(args.answers or args.out)
         metrics = evaluate(benches, args.data_root, out, model_id, limit=args.limit, answers=args.answers)
     else:
-        if args.model is None:
-            raise SystemExit("pass --model PATH (or --score-only)")
         missing = []  # every missing file, before the model loads
         for bench in benches:
             try:
@@ -298,13 +366,26 @@ def main(argv: list[str] | None = None) -> dict | None:
         out = args.out or Path("runs/eval") / Path(model_id).name
         metrics = evaluate(benches, args.data_root, out, model_id, model, tokenizer, args.limit,
                            args.batch_size, max_new_tokens=args.max_new_tokens)
-    print(format_table([(Path(metrics["model"]).name, metrics["summary"])]))
+    print(format_table([(Path(metrics["model"]).name, metrics["summary"])], [answer_counts(metrics)]))
     print(f"metrics: {out / 'metrics.json'}")
+    _check_strict(args, metrics, benches)
     return metrics
 
 
-if __name__ == "__main__":
+def _check_strict(args: argparse.Namespace, metrics: dict, benches: list[str]) -> None:
+    short = [f"{b} {r['answered']}/{r['expected']}" for b in benches
+             if (r := metrics["benchmarks"][b])["answered"] < r["expected"]]
+    if args.strict and short:
+        raise EvalError(f"questions without an answer (--strict): answered {', '.join(short)}")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """main() as the command line runs it: an expected failure is one `error: ...` line and exit status 1."""
     try:
-        main()
-    except MissingDataError as e:
+        main(argv)
+    except (MissingDataError, AnswerFileError, EvalError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -212,20 +212,76 @@ def limit_questions(questions: list[Question], n: int | None) -> list[Question]:
     return questions[:n]
 
 
-def read_answers(path: str | Path, bench: str) -> dict[str, str]:
-    """Answer file (JSON lines, LLaVA format) -> {answer key: text}; a later line for the same key wins. A last line
-    cut short by an interrupted run is ignored."""
-    answers = {}
-    text = Path(path).read_text()
-    lines = text.splitlines()
-    for k, line in enumerate(lines):
+class AnswerFileError(ValueError):
+    """An answer file that cannot be scored; the message reads "FILE:LINE: what is wrong" (or "FILE: ...")."""
+
+
+ANSWER_FIELDS = ("question_id", "prompt", "text")
+
+
+def _kind(value: object) -> str:
+    names = {dict: "a JSON object", list: "a JSON list", str: "a string", bool: "a boolean", type(None): "null",
+             int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _check_answer(r: object) -> str | None:
+    """What is wrong with one parsed answer line (LLaVA format), or None."""
+    if not isinstance(r, dict):
+        return f"expected a JSON object with {', '.join(ANSWER_FIELDS)}; found {_kind(r)}"
+    missing = [k for k in ANSWER_FIELDS if k not in r]
+    if missing:
+        return f"missing field {', '.join(repr(k) for k in missing)} (an answer line holds {', '.join(ANSWER_FIELDS)})"
+    qid = r["question_id"]
+    if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+        return f"'question_id' must be a number or a string, found {_kind(qid)}"
+    for k in ("prompt", "text"):
+        if not isinstance(r[k], str):
+            return f"{k!r} must be a string, found {_kind(r[k])} {json.dumps(r[k])[:60]}"
+    return None
+
+
+def read_answer_records(path: str | Path) -> tuple[list[tuple[int, str, dict]], int | None]:
+    """(line number, line, record) of every answer line, each checked, and the number of a last line cut short by an
+    interrupted run (no newline after it and not valid: ignored) or None. Any other line that is not an answer is an
+    AnswerFileError "FILE:LINE: ..."."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise AnswerFileError(f"{path}: is a folder, not an answer file") from None
+    lines = raw.split(b"\n")
+    out = []
+    for k, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        cut = k == len(lines)  # no newline after it
         try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            if k == len(lines) - 1 and not text.endswith("\n"):
-                break
-            raise
-        answers[answer_key(bench, r["question_id"], r["prompt"])] = r["text"]
-    return answers
+            text = line.decode("utf-8").rstrip("\r")
+            r = json.loads(text)
+        except UnicodeDecodeError as e:
+            if cut:
+                return out, k
+            raise AnswerFileError(f"{path}:{k}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at column "
+                                  f"{e.start + 1})") from None
+        except json.JSONDecodeError as e:
+            if cut:
+                return out, k
+            raise AnswerFileError(f"{path}:{k}: not a JSON line ({e.msg.removesuffix(' at')} at column {e.colno}): "
+                                  f"{text[:60]!r}") from None
+        problem = _check_answer(r)
+        if problem:
+            raise AnswerFileError(f"{path}:{k}: {problem}")
+        out.append((k, text, r))
+    return out, None
+
+
+def answers_by_key(records: list[tuple[int, str, dict]], bench: str) -> dict[str, str]:
+    """{answer key: text}; a later line for the same key wins."""
+    return {answer_key(bench, r["question_id"], r["prompt"]): r["text"] for _, _, r in records}
+
+
+def read_answers(path: str | Path, bench: str) -> dict[str, str]:
+    """Answer file (JSON lines, LLaVA format) -> {answer key: text}; a later line for the same key wins. A last line
+    cut short by an interrupted run is ignored; any other damage is an AnswerFileError naming the line."""
+    return answers_by_key(read_answer_records(path)[0], bench)

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data.benchmarks import (LETTER_ANSWER, MissingDataError, check_data, limit_questions, load_questions,
-                             read_answers, read_llava_jsonl, read_mmbench, read_sqa)
+from data.benchmarks import (LETTER_ANSWER, AnswerFileError, MissingDataError, check_data, limit_questions,
+                             load_questions, read_answers, read_llava_jsonl, read_mmbench, read_sqa)
 from data.scorers import score_mmbench
 
 
@@ -73,7 +73,7 @@ def test_answer_file_with_a_cut_last_line(tmp_path):
     (tmp_path / "a.jsonl").write_text(good + '{"question_id": 2, "pro')
     assert read_answers(tmp_path / "a.jsonl", "pope") == {"1": "Yes"}
     (tmp_path / "b.jsonl").write_text('{"question_id": 2, "pro\n' + good)
-    with pytest.raises(json.JSONDecodeError):  # damage anywhere else is an error
+    with pytest.raises(AnswerFileError, match=r"b\.jsonl:1: not a JSON line"):  # damage anywhere else is an error
         read_answers(tmp_path / "b.jsonl", "pope")
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import eval as ev
-from data.benchmarks import BENCHMARKS, QUESTION_FILES, MissingDataError, load_questions
+from data.benchmarks import BENCHMARKS, QUESTION_FILES, AnswerFileError, MissingDataError, load_questions
+from eval import EvalError
 from data.synthetic_benchmarks import make_synthetic_benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +95,88 @@ def test_perfect_answers_score_full_marks(synthetic_root, tmp_path):
     assert m["summary"] == {"gqa": 100.0, "sqa": 100.0, "textvqa": 100.0, "pope": 100.0,
                             "mme": 400.0, "mmbench": 100.0}  # the synthetic MME has two perception subtasks
     assert all(m["benchmarks"][b]["missing"] == 0 for b in BENCHMARKS)
+    assert {b: (r["answered"], r["expected"]) for b, r in m["benchmarks"].items()} == \
+        {b: (len(load_questions(b, synthetic_root)),) * 2 for b in BENCHMARKS}
+
+
+def _pope_answers(tmp_path: Path, lines: list) -> Path:
+    """A POPE answer file: the given lines (dicts are JSON-encoded, str / bytes written as they are)."""
+    out = b""
+    for x in lines:
+        out += (x if isinstance(x, bytes) else (x if isinstance(x, str) else json.dumps(x)).encode()) + b"\n"
+    (tmp_path / "answers.jsonl").write_bytes(out)
+    return tmp_path / "answers.jsonl"
+
+
+def _score_pope(root: Path, path: Path, *extra: str) -> list[str]:
+    return ["--bench", "pope", "--score-only", "--answers", str(path), "--data-root", str(root),
+            "--out", str(path.parent / "out"), *extra]
+
+
+OK_LINE = {"question_id": 1, "prompt": "p", "text": "Yes"}
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("this is not json", r"not a JSON line \(Expecting value at column 1\): 'this is not json'"),
+    ({"question_id": 2, "text": "No"}, r"missing field 'prompt' \(an answer line holds question_id, prompt, text\)"),
+    ({"prompt": "p", "text": "No"}, "missing field 'question_id'"),
+    ({"question_id": 2, "prompt": "p", "text": 7}, "'text' must be a string, found a number 7"),
+    ({"question_id": 2, "prompt": "p", "text": None}, "'text' must be a string, found null"),
+    ({"question_id": [2], "prompt": "p", "text": "No"},
+     "'question_id' must be a number or a string, found a JSON list"),
+    ([2, "p", "No"], "expected a JSON object with question_id, prompt, text; found a JSON list"),
+    (b'{"question_id": 2, "prompt": "p", "text": "caf\xe9"}', r"not UTF-8 text \(byte b'\\xe9' at column 47\)"),
+], ids=["garbage", "no-prompt", "no-question_id", "text-number", "text-null", "id-list", "list-line", "latin-1"])
+def test_malformed_answer_file_names_file_and_line(synthetic_root, tmp_path, bad, message):
+    path = _pope_answers(tmp_path, [OK_LINE, "", bad, OK_LINE])
+    with pytest.raises(AnswerFileError, match=f"^{path}:3: {message}"):
+        ev.main(_score_pope(synthetic_root, path))
+    with pytest.raises(SystemExit, match=f"^error: {path}:3: ") as exc:
+        ev.cli(_score_pope(synthetic_root, path))
+    assert exc.value.code != 0
+
+
+def test_answer_file_without_any_answer_for_the_questions_is_an_error(synthetic_root, tmp_path):
+    empty = _pope_answers(tmp_path, [])
+    with pytest.raises(AnswerFileError, match=f"^{empty}: no answers in the file$"):
+        ev.main(_score_pope(synthetic_root, empty))
+    cut = _pope_answers(tmp_path, [])
+    cut.write_text('{"question_id": 1, "prompt": "p", "te')
+    with pytest.raises(AnswerFileError, match=r"no answers in the file \(its only line, 1, is cut short\)"):
+        ev.main(_score_pope(synthetic_root, cut))
+    wrong = _pope_answers(tmp_path, [{"question_id": f"x{i}", "prompt": "p", "text": "Yes"} for i in range(5)])
+    with pytest.raises(AnswerFileError, match=rf"^{wrong}: none of its answers \(5\) is for a question of pope "
+                                              r"\(matched by question_id; the file has 'x0', .*"
+                                              r"the questions are '1', '2'"):
+        ev.main(_score_pope(synthetic_root, wrong))
+    assert not (tmp_path / "out/metrics.json").exists()
+    with pytest.raises(SystemExit, match=r"^error: .*none of its answers \(5\)"):
+        ev.cli(_score_pope(synthetic_root, wrong))
+
+
+def test_partial_answers_are_counted_warned_and_strict(synthetic_root, tmp_path, capsys):
+    full = _perfect_answers(synthetic_root, "pope")
+    n = len(full)
+    path = _pope_answers(tmp_path, full[: n // 2] + [{"question_id": "x", "prompt": "", "text": "No"}])
+    m = ev.main(_score_pope(synthetic_root, path))
+    r = m["benchmarks"]["pope"]
+    assert (r["answered"], r["expected"], r["missing"]) == (n // 2, n, n - n // 2)
+    saved = json.loads((tmp_path / "out/metrics.json").read_text())["benchmarks"]["pope"]
+    assert (saved["answered"], saved["expected"]) == (n // 2, n)
+    out, err = capsys.readouterr()
+    assert f"[answered {n // 2}/{n}]" in out
+    answered_row = next(line for line in out.splitlines() if line.startswith("  answered"))
+    assert answered_row.split() == ["answered", "-", "-", "-", f"{n // 2}/{n}", "-", "-"]
+    assert err.startswith(f"warning: pope: {n - n // 2} of {n} questions have no answer in {path}") and \
+        "1 of its answers are for no question of pope" in err
+    with pytest.raises(EvalError, match=f"questions without an answer \\(--strict\\): answered pope {n // 2}/{n}"):
+        ev.main(_score_pope(synthetic_root, path, "--strict"))
+    # complete answers pass --strict; --compare shows the counts too
+    path = _pope_answers(tmp_path, full)
+    assert ev.main(_score_pope(synthetic_root, path, "--strict"))["benchmarks"]["pope"]["answered"] == n
+    capsys.readouterr()
+    ev.main(["--compare", str(tmp_path / "out/metrics.json")])
+    assert capsys.readouterr().out.splitlines()[2].split() == ["answered", "-", "-", "-", f"{n}/{n}", "-", "-"]
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +247,40 @@ def test_missing_data_file_names_path(tmp_path):
     assert proc.stderr.startswith("error: benchmark data not found") and "pope/llava_pope_test.jsonl" in proc.stderr
 
 
+def test_wrong_model_path_and_missing_arguments_are_one_line_errors(synthetic_root, tmp_path):
+    def error(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exc:
+            ev.cli(list(argv))
+        assert exc.value.code != 0 and isinstance(exc.value.code, str) and "\n" not in exc.value.code
+        return exc.value.code
+
+    nope = tmp_path / "nope"
+    assert error("--bench", "pope", "--model", str(nope), "--data-root", str(synthetic_root)).startswith(
+        f"error: model folder {nope} does not exist (--model takes a MobileVLM V2 checkpoint folder")
+    (tmp_path / "empty").mkdir()
+    assert error("--bench", "pope", "--model", str(tmp_path / "empty"), "--data-root", str(synthetic_root)) \
+        .startswith(f"error: cannot load the model in {tmp_path / 'empty'}: no tokenizer.model or tokenizer.json")
+    assert error("--bench", "demo", "--model", str(nope), "--out", str(tmp_path / "d")).startswith(
+        f"error: model folder {nope} does not exist")
+    assert error("--bench", "all") == ("error: --bench all needs --model PATH (a MobileVLM V2 checkpoint folder; or "
+                                       "--score-only to score answer files) and --data-root DIR (LLaVA's "
+                                       "playground/data/eval layout)")
+    assert error("--bench", "all", "--data-root", str(synthetic_root)).startswith("error: --bench all needs --model")
+    assert error("--bench", "gqa", "--score-only", "--answers", "a.jsonl") == \
+        "error: --bench gqa needs --data-root DIR (LLaVA's playground/data/eval layout)"
+    assert error().startswith("error: pass --bench (gqa, sqa, textvqa, pope, mme, mmbench, all, demo) or --compare")
+
+
+def test_command_line_errors_have_no_traceback(synthetic_root, tmp_path):
+    path = _pope_answers(tmp_path, [OK_LINE, [1, 2]])
+    runs = [_score_pope(synthetic_root, path),
+            ["--bench", "pope", "--model", str(tmp_path / "nope"), "--data-root", str(synthetic_root)]]
+    for argv, first in zip(runs, [f"error: {path}:2: expected a JSON object", "error: model folder"]):
+        proc = subprocess.run([sys.executable, "eval.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 1 and proc.stderr.startswith(first) and len(proc.stderr.splitlines()) == 1
+
+
 def test_compare_and_chart(tmp_path, capsys):
     a = {"model": "/m/MobileVLM_V2-1.7B", "summary": {"gqa": 59.3, "sqa": 66.7, "textvqa": 52.1, "pope": 84.3,
                                                       "mme": 1302.8, "mmbench": 57.7}}
@@ -185,10 +302,27 @@ def test_average_is_mobilevlm_avg():
     assert (round(ev.average(s17), 1), round(ev.average(s3), 1)) == (64.2, 68.1)
 
 
-def test_demo(tmp_path):
+def test_demo(tmp_path, monkeypatch):
     m = ev.main(["--bench", "demo", "--out", str(tmp_path)])
     assert set(m["summary"]) == set(BENCHMARKS) and m["average"] is not None
     assert all(len(_lines(tmp_path / f"{b}.jsonl")) == len(load_questions(b, tmp_path / "data")) for b in BENCHMARKS)
+    answers = {b: (tmp_path / f"{b}.jsonl").read_bytes() for b in BENCHMARKS}
+    # a rerun resumes: it keeps every answer and generates nothing ...
+    import model.generation
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(model.generation, "greedy_generate", no_generation)
+    again = ev.main(["--bench", "demo", "--out", str(tmp_path), "--strict"])
+    assert again["summary"] == m["summary"]
+    assert {b: (tmp_path / f"{b}.jsonl").read_bytes() for b in BENCHMARKS} == answers
+    # ... and after an interruption answers only what is missing
+    monkeypatch.undo()
+    lines = answers["gqa"].splitlines(keepends=True)
+    (tmp_path / "gqa.jsonl").write_bytes(b"".join(lines[:-1]) + lines[-1][:10])
+    ev.main(["--bench", "demo", "--out", str(tmp_path)])
+    assert (tmp_path / "gqa.jsonl").read_bytes() == answers["gqa"]
 
 
 def test_cli_runs_a_saved_checkpoint(synthetic_root, tiny_and_tokenizer, tmp_path):
@@ -217,3 +351,6 @@ def test_demo_with_a_trained_checkpoint(tiny_and_tokenizer, tmp_path):
     ours = [x["text"] for b in BENCHMARKS for x in _lines(tmp_path / "a" / f"{b}.jsonl")]
     random = [x["text"] for b in BENCHMARKS for x in _lines(tmp_path / "b" / f"{b}.jsonl")]
     assert ours != random and r["summary"].keys() == m["summary"].keys()
+    # the random model does not take over the checkpoint's answers
+    with pytest.raises(SystemExit, match=f"holds answers of model '{tmp_path / 'ckpt'}', not 'tiny-demo'"):
+        ev.main(["--bench", "demo", "--out", str(tmp_path / "a")])

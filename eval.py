@@ -289,13 +289,13 @@ def demo(out: Path, batch_size: int, model_path: str | None = None) -> dict:
     from data.tokenizer import load_tokenizer
     from model import MobileVLM
 
-    root = make_synthetic_benchmarks(out / "data", n=8)
     if model_path is None:
         tokenizer = load_tokenizer(make_demo_tokenizer(out / "tokenizer"))
         model, model_id = MobileVLM.tiny(seed=0, vocab_size=tokenizer.vocab_size).eval(), "tiny-demo"
-    else:
+    else:  # before the data is made: a wrong path fails at once
         model, tokenizer = load_model(model_path, "fp32", None)
         model_id = str(Path(model_path).resolve())
+    root = make_synthetic_benchmarks(out / "data", n=8)
     # answers already in `out` are kept (a rerun resumes); those of another model are refused by generate_answers
     return evaluate(list(BENCHMARKS), root, out, model_id, model, tokenizer, batch_size=batch_size,
                     max_new_tokens=16)

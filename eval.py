@@ -3,7 +3,7 @@
     python eval.py --bench all --model PATH --data-root DIR [--out DIR] [--limit N] [--batch-size 16]
     python eval.py --bench pope --score-only --answers FILE --data-root DIR [--strict]   # answers made elsewhere
     python eval.py --compare A/metrics.json B/metrics.json [--chart cmp.png]
-    python eval.py --bench demo                                               # synthetic data, tiny model
+    python eval.py --bench demo [--model DIR]              # synthetic data, tiny random model (or DIR's model)
 
 Prompts, preprocessing, decoding and metrics follow reference/mobilevlm-v2.md section 5. Answers go to
 `OUT/<bench>.jsonl` (LLaVA format) as they are produced; a rerun skips the questions already answered (answers of
@@ -329,10 +329,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.bench is None:
         raise SystemExit(f"error: pass --bench ({', '.join([*BENCHMARKS, 'all', 'demo'])}) or --compare")
     if args.bench == "demo":
-        out = args.out or Path("runs/eval/demo")
+        # one folder per model, as a rerun resumes the answers in it and refuses another model's
+        out = args.out or Path("runs/eval") / ("demo" + (f"-{Path(args.model).resolve().name}" if args.model else ""))
         metrics = demo(out, args.batch_size, args.model)
         name = Path(args.model).name if args.model else "tiny-demo (random weights)"
         print(format_table([(name, metrics["summary"])], [answer_counts(metrics)]))
+        print(f"metrics: {out / 'metrics.json'}")
         _check_strict(args, metrics, list(BENCHMARKS))
         return metrics
     needs = []

@@ -338,19 +338,21 @@ def test_cli_runs_a_saved_checkpoint(synthetic_root, tiny_and_tokenizer, tmp_pat
     assert [r["text"] for r in lines] == [r["text"] for r in _lines(tmp_path / "mem/pope.jsonl")]
 
 
-def test_demo_with_a_trained_checkpoint(tiny_and_tokenizer, tmp_path):
+def test_demo_with_a_trained_checkpoint(tiny_and_tokenizer, tmp_path, monkeypatch):
     """`--bench demo --model DIR` evaluates that checkpoint (e.g. the training demo's) instead of a random model."""
     from model import MobileVLM
 
     _, tok = tiny_and_tokenizer
     model = MobileVLM.tiny(seed=5, vocab_size=tok.vocab_size)  # not the demo's random model (seed 0)
     model.save_pretrained(tmp_path / "ckpt", tokenizer_dir=tok.path.parent)
-    m = ev.main(["--bench", "demo", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a")])
-    r = ev.main(["--bench", "demo", "--out", str(tmp_path / "b")])
+    monkeypatch.chdir(tmp_path)  # the default --out of each: runs/eval/demo-ckpt and runs/eval/demo
+    m = ev.main(["--bench", "demo", "--model", str(tmp_path / "ckpt")])
+    r = ev.main(["--bench", "demo"])
+    a, b = tmp_path / "runs/eval/demo-ckpt", tmp_path / "runs/eval/demo"
     assert set(m["summary"]) == set(BENCHMARKS)
-    ours = [x["text"] for b in BENCHMARKS for x in _lines(tmp_path / "a" / f"{b}.jsonl")]
-    random = [x["text"] for b in BENCHMARKS for x in _lines(tmp_path / "b" / f"{b}.jsonl")]
+    ours = [x["text"] for bench in BENCHMARKS for x in _lines(a / f"{bench}.jsonl")]
+    random = [x["text"] for bench in BENCHMARKS for x in _lines(b / f"{bench}.jsonl")]
     assert ours != random and r["summary"].keys() == m["summary"].keys()
     # the random model does not take over the checkpoint's answers
     with pytest.raises(SystemExit, match=f"holds answers of model '{tmp_path / 'ckpt'}', not 'tiny-demo'"):
-        ev.main(["--bench", "demo", "--out", str(tmp_path / "a")])
+        ev.main(["--bench", "demo", "--out", str(a)])

@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,9 +31,12 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data import LLaVADataset, Collator, load_tokenizer, make_demo_tokenizer, make_synthetic_dataset, resolve_subset
+from data import SUBSETS, Collator, DataFileError, LLaVADataset, load_tokenizer, resolve_subset
+from data.dataset import IMAGE_MODES
+from data.templates import TEMPLATES
 from data.tokenizer import tokenizer_fingerprint
-from kernels.alignkd_loss import AlignKDLoss, KDBatch, KDSide
+from evaluation.heldout import HeldOut
+from kernels.alignkd_loss import ATTN_FORMS, PROJ_SIDES, AlignKDLoss, KDBatch, KDSide
 from model import MobileVLM
 from model.master_weights import MasterWeights
 from model.lora import apply_lora, is_lora, lora_parameter_counts, merged_state_dict, trainable_state_dict
@@ -46,10 +50,19 @@ TERMS = ("loss", "ce", "logit", "attn", "proj_all", "proj_focus")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--subset", default="demo", help="sharegpt4v (stage 1, plain), mix2m (stage 2, v1) or demo")
+    p.add_argument("--subset", choices=sorted(SUBSETS), help="sharegpt4v (stage 1, plain) or mix2m (stage 2, v1) "
+                   "under --data-root; without --subset and --data the shapes-world demo runs")
     p.add_argument("--data-root", help="MobileVLM data layout root (pretrain_data/, finetune_data/)")
-    p.add_argument("--data", help="a LLaVA-format JSON instead of the subset's")
+    p.add_argument("--data", help="a LLaVA-format JSON (with --image-folder); with --subset it replaces the subset's")
     p.add_argument("--image-folder", help="image folder for --data")
+    p.add_argument("--template", choices=TEMPLATES, help="template of --data without --subset (default v1)")
+    p.add_argument("--image-mode", choices=IMAGE_MODES, help="image preprocessing of --data without --subset "
+                   "(default pad)")
+    p.add_argument("--eval-data", help="held-out LLaVA JSON: answer CE per supervised token and greedy exact match "
+                   "at the start, every --eval-every steps and at the end (progress bar and log.jsonl)")
+    p.add_argument("--eval-image-folder", help="image folder of --eval-data (default: the training image folder)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (0: start and end)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out records")
     p.add_argument("--student", help="MobileVLM checkpoint folder, or a LLaMA folder (with --vision-tower)")
     p.add_argument("--teacher", help="MobileVLM checkpoint folder (MobileVLM_V2-7B)")
     p.add_argument("--vision-tower", help="local CLIP folder (config, and weights for a LLaMA-folder student)")
@@ -68,12 +81,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--w-logit", type=float, default=1.0)
     p.add_argument("--w-attn", type=float, default=1.0)
+    p.add_argument("--attn-form", choices=ATTN_FORMS, default="mse",
+                   help="mse: the paper's literal form, MSE of layer-0 text->vision attention probabilities through a "
+                        "1x1 conv over heads (probabilities are ~1/L, so the term is ~1e-5); kl: KL between the "
+                        "teacher's head-mixed and the student's attention renormalized over the vision keys (O(1))")
     p.add_argument("--w-proj-all", type=float, default=1.0)
     p.add_argument("--w-proj-focus", type=float, default=1.0)
+    p.add_argument("--proj-side", choices=PROJ_SIDES, default="teacher",
+                   help="teacher: the paper's adapter A(teacher tokens) ~ student tokens; student: A(student tokens) "
+                        "~ teacher tokens (the adapter cannot absorb the loss by itself)")
     p.add_argument("--topk", type=int, default=16, help="text-focus vision tokens per sample")
     p.add_argument("--kl", choices=("forward", "reverse"), default="forward")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--no-distill", action="store_true", help="plain fine-tuning baseline: CE only, no teacher")
+    p.add_argument("--train-vision-tower", action="store_true",
+                   help="train the CLIP too (with --no-distill only: a distilled student shares the teacher's frozen CLIP)")
+    p.add_argument("--probe-grads", default="", metavar="STEPS",
+                   help="comma-separated steps at which each weighted term's gradient norm on the student's "
+                        "parameters is measured on that step's first micro-batch (log.jsonl: grad_norms)")
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto", help="Align-KD loss kernels")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's latest checkpoint")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
@@ -98,39 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "it is checked). A DIR made with another teacher, tokenizer, data file, template, image mode "
                         "or --max-len is refused. Size: see model/teacher_cache.py (~2.5-26 MB per sample at 7B shapes)")
     p.add_argument("--cache-shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=argparse.SUPPRESS)
-    p.add_argument("--demo-steps", type=int, default=40, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.projector_lr is None:
         args.projector_lr = args.lr
+    args.probe_steps = {int(x) for x in args.probe_grads.split(",") if x.strip()}
     return args
-
-
-# ---- the demo: everything it needs is made here ------------------------------------------------------------------------
-
-def prepare_demo(args: argparse.Namespace) -> None:
-    """Synthetic shapes data, a tokenizer trained on it, and tiny random teacher/student checkpoints."""
-    root = Path(args.output_dir) / "demo_assets"
-    tok_dir = root / "tokenizer"
-    if not (tok_dir / "tokenizer.model").exists():
-        make_demo_tokenizer(tok_dir)
-    vocab = load_tokenizer(tok_dir).vocab_size
-    if not (root / "synthetic_mixed.json").exists():
-        make_synthetic_dataset(root, n=96, seed=0, kind="mixed")
-    if not (root / "student" / "config.json").exists():
-        student = MobileVLM.tiny(seed=2, vocab_size=vocab, hidden_size=64, num_heads=4, num_layers=2)
-        teacher = MobileVLM.tiny(seed=1, vocab_size=vocab, hidden_size=128, num_heads=8, num_layers=3)
-        # like MobileVLM V2-1.7B and -7B, both carry the same frozen CLIP
-        teacher.vision_tower.load_state_dict(student.vision_tower.state_dict())
-        teacher.save_pretrained(root / "teacher", tokenizer_dir=tok_dir)
-        student.save_pretrained(root / "student", tokenizer_dir=tok_dir)
-    args.data_root, args.student, args.teacher = str(root), str(root / "student"), str(root / "teacher")
-    if args.max_steps is None:
-        args.max_steps = args.demo_steps
-    if args.lr == 2e-5:  # tiny random models need a larger step to show learning in a minute
-        args.lr = args.projector_lr = 3e-3
-    args.batch_size = max(args.batch_size, 4)
-    args.max_len = min(args.max_len, 512)
-    args.save_every = min(args.save_every, args.max_steps)
 
 
 # ---- models -----------------------------------------------------------------------------------------------------------
@@ -206,7 +203,7 @@ def prepare_teacher_cache(args: argparse.Namespace, dataset, tokenizer, data_des
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(out: Path, step: int, student: MobileVLM, loss_fn: AlignKDLoss, opt, sched, state: dict,
+def save_checkpoint(out: Path, step: int, student: MobileVLM, loss_fn: AlignKDLoss | None, opt, sched, state: dict,
                     tokenizer_dir: Path, keep: int, masters: MasterWeights | None = None) -> Path:
     """Write checkpoint-STEP atomically: build it in a temp folder, rename, then repoint `latest`."""
     final = out / f"checkpoint-{step}"
@@ -218,7 +215,8 @@ def save_checkpoint(out: Path, step: int, student: MobileVLM, loss_fn: AlignKDLo
         torch.save(trainable_state_dict(student), tmp / "lora_trainable.pt")
     if masters is not None:  # the bf16 weights are rounded: exact resume needs the fp32 copies
         torch.save(masters.masters(), tmp / "master_weights.pt")
-    torch.save(loss_fn.state_dict(), tmp / "alignkd_adapters.pt")
+    if loss_fn is not None:  # a --no-distill run has no adapters to keep
+        torch.save(loss_fn.state_dict(), tmp / "alignkd_adapters.pt")
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
                tmp / "trainer_state.pt")
@@ -285,7 +283,7 @@ def lr_lambda(total: int, warmup: int):
 
 def distill_forward(student: MobileVLM, teacher: MobileVLM | None, loss_fn: AlignKDLoss, batch: dict,
                     device: torch.device, dtype: torch.dtype, shared_vision: bool = True, cache=None,
-                    distill: bool = True) -> dict[str, torch.Tensor]:
+                    distill: bool = True, separate: bool = False) -> dict[str, torch.Tensor]:
     """One micro-batch: one CLIP forward, the student (with grad), the teacher (no grad; or its cached tensors),
     and the Align-KD terms (nothing is backpropagated here)."""
     ids = batch["input_ids"].to(device)
@@ -306,7 +304,35 @@ def distill_forward(student: MobileVLM, teacher: MobileVLM | None, loss_fn: Alig
             t_feats = feats if shared_vision or feats is None else teacher.encode_images(images[has_image])
             t = teacher(ids, mask, image_features=t_feats, compute_logits=False)
         t_side = KDSide(t.hidden_states, teacher.lm_head.weight, t.q0, t.k0, t.mm.vision_tokens)
-    return loss_fn(s_side, t_side, kd_batch, distill=distill)
+    return loss_fn(s_side, t_side, kd_batch, distill=distill, separate=separate)
+
+
+def clip_gradients(student_params: list, adapters: list, max_norm: float) -> tuple[float, float | None]:
+    """Clip the student's and the Align-KD adapters' gradients each to `max_norm`, separately: one shared norm would
+    let the adapters' gradients (large under a heavily weighted term) shrink the student's update. Returns the two
+    norms before clipping (None without adapters)."""
+    s = float(torch.nn.utils.clip_grad_norm_(student_params, max_norm))
+    a = float(torch.nn.utils.clip_grad_norm_(adapters, max_norm)) if adapters else None
+    return s, a
+
+
+def probe_term_grads(student: MobileVLM, teacher: MobileVLM | None, loss_fn: AlignKDLoss, batch: dict,
+                     device: torch.device, dtype: torch.dtype, shared_vision: bool, cache, distill: bool
+                     ) -> dict[str, float]:
+    """L2 norm of each weighted term's gradient on the student's trainable parameters (adapters excluded), from a
+    separate forward of one micro-batch; nothing is accumulated into .grad."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    terms = distill_forward(student, teacher, loss_fn, batch, device, dtype, shared_vision, cache, distill,
+                            separate=True)
+    norms = {}
+    for k in TERMS[1:]:
+        t = terms.get(k)
+        if t is None or not t.requires_grad:
+            norms[k] = 0.0
+            continue
+        grads = torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+        norms[k] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+    return norms
 
 
 # ---- main -------------------------------------------------------------------------------------------------------------
@@ -340,21 +366,48 @@ class StopRequest:
                  f"(send it again to abort without saving)")
 
 
+def resolve_data(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
+    """(json, image folder, template, image mode): a named subset (whose paths --data/--image-folder may replace), or
+    --data + --image-folder with --template / --image-mode."""
+    if args.subset:
+        if args.template or args.image_mode:
+            raise SystemExit(f"error: --template/--image-mode are for --data without --subset ({args.subset} is "
+                             f"{SUBSETS[args.subset].template}, {SUBSETS[args.subset].image_mode})")
+        return resolve_subset(args.subset, args.data_root, args.data, args.image_folder)
+    if not args.image_folder:
+        raise SystemExit("error: --data needs --image-folder DIR (the folder its records' image paths are relative to)")
+    json_path, folder = Path(args.data), Path(args.image_folder)
+    if not json_path.is_file():
+        raise SystemExit(f"error: --data {json_path} does not exist")
+    if not folder.is_dir():
+        raise SystemExit(f"error: --image-folder {folder} does not exist")
+    return json_path, folder, args.template or "v1", args.image_mode or "pad"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    demo = args.subset == "demo"
-    if demo:
-        prepare_demo(args)
-    elif not args.student or (not args.teacher and not args.no_distill and not args.cache_teacher):
+    if not args.subset and not args.data:
+        if argv is None and len(sys.argv) == 1:
+            from demo import run_demo
+
+            return run_demo()
+        raise SystemExit("error: give --subset NAME (with --data-root) or --data FILE --image-folder DIR; "
+                         "run with no arguments for the demo")
+    if not args.student or (not args.teacher and not args.no_distill and not args.cache_teacher):
         raise SystemExit("error: --student and --teacher are required (or --no-distill without --teacher); "
                          "run with no arguments for the demo")
     if args.cache_teacher and args.no_distill:
         raise SystemExit("error: --cache-teacher stores a teacher for distillation; --no-distill uses none")
+    if args.train_vision_tower and not args.no_distill:
+        raise SystemExit("error: --train-vision-tower needs --no-distill (teacher and student share a frozen CLIP)")
     for what, folder in (("student", args.student), ("teacher", None if args.no_distill else args.teacher),
-                         ("tokenizer", args.tokenizer), ("vision tower", args.vision_tower)):
+                         ("tokenizer", args.tokenizer), ("vision tower", args.vision_tower),
+                         ("eval image folder", args.eval_image_folder)):
         if folder is not None and not Path(folder).is_dir():
             raise SystemExit(f"error: {what} folder {folder} does not exist")
+    if args.eval_data and not Path(args.eval_data).is_file():
+        raise SystemExit(f"error: --eval-data {args.eval_data} does not exist")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -364,11 +417,12 @@ def main(argv: list[str] | None = None) -> dict:
     # data
     tok_dir = Path(args.tokenizer or args.student)
     tokenizer = load_tokenizer(tok_dir)
-    json_path, image_folder, template, image_mode = resolve_subset(args.subset, args.data_root, args.data,
-                                                                   args.image_folder)
+    json_path, image_folder, template, image_mode = resolve_data(args)
     dataset = LLaVADataset(json_path, image_folder, tokenizer, template, image_mode, args.max_len,
                            cache_dir=out / "index_cache")
     log.info(f"data: {json_path} ({len(dataset)} records, template {template}, images {image_mode})")
+    heldout = HeldOut(args.eval_data, args.eval_image_folder or image_folder, tokenizer, template, image_mode,
+                      args.max_len, args.eval_limit, cache_dir=out / "index_cache") if args.eval_data else None
     cache = prepare_teacher_cache(args, dataset, tokenizer, (json_path, image_folder, template, image_mode), device,
                                   dtype) if args.cache_teacher else None
 
@@ -389,6 +443,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.lora_r:
         apply_lora(student, args.lora_r)
         log.info(f"LoRA r={args.lora_r}: trainable {lora_parameter_counts(student)}")
+    if args.train_vision_tower:
+        student.vision_tower.set_trainable(True)
     if not args.no_checkpointing:
         student.enable_activation_checkpointing()
     student.train()
@@ -397,16 +453,20 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_heads=t_shape.num_heads, student_heads=student.num_heads,
         teacher_dim=t_shape.hidden_size, student_dim=student.hidden_size,
         w_logit=args.w_logit, w_attn=args.w_attn, w_proj_all=args.w_proj_all, w_proj_focus=args.w_proj_focus,
-        topk=args.topk, kl=args.kl, temperature=args.temperature, backend=args.backend).to(device)
+        topk=args.topk, kl=args.kl, temperature=args.temperature, backend=args.backend, attn_form=args.attn_form,
+        proj_side=args.proj_side).to(device)
 
-    # optimizer: LLM at --lr, projector and adapters at --projector-lr (the vision tower is frozen)
+    # optimizer: LLM at --lr, projector and adapters (and a trained vision tower) at --projector-lr
     proj_params = list(student.mm_projector.parameters())
+    if args.train_vision_tower:
+        proj_params += list(student.vision_tower.parameters())
     proj_ids = {id(p) for p in proj_params}
     llm_params = [p for p in student.parameters() if p.requires_grad and id(p) not in proj_ids]
     groups = [{"params": llm_params, "lr": args.lr},
               {"params": proj_params, "lr": args.projector_lr}]
-    if distill:
-        groups.append({"params": list(loss_fn.parameters()), "lr": args.projector_lr})
+    adapters = list(loss_fn.parameters()) if distill else []
+    if adapters:
+        groups.append({"params": adapters, "lr": args.projector_lr})
     use_masters = args.master_weights == "fp32" or (args.master_weights == "auto" and dtype != torch.float32
                                                          and not args.lora_r)
     masters = MasterWeights(groups) if use_masters else None
@@ -427,7 +487,8 @@ def main(argv: list[str] | None = None) -> dict:
             resumed = MobileVLM.from_pretrained(ckpt, vision_tower=args.vision_tower, dtype=dtype, device=args.device)
             student.load_state_dict(resumed.state_dict())
             del resumed
-        loss_fn.load_state_dict(torch.load(ckpt / "alignkd_adapters.pt", map_location=device))
+        if distill:
+            loss_fn.load_state_dict(torch.load(ckpt / "alignkd_adapters.pt", map_location=device))
         st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         if masters is not None:
             if (ckpt / "master_weights.pt").exists():
@@ -461,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
     log_file = open(out / "log.jsonl", "a")
     pbar = tqdm(total=total, initial=step, desc="align-kd" if distill else "fine-tune", dynamic_ncols=True)
     history, t0, tokens = [], time.time(), 0
-    def accumulate(sums: Counter) -> int:
+    def accumulate(sums: Counter, probe: dict | None) -> int:
         """Forward/backward of --grad-accum micro-batches; returns the number of real tokens."""
         n_tokens = 0
         for _ in range(args.grad_accum):
@@ -470,6 +531,9 @@ def main(argv: list[str] | None = None) -> dict:
             while "input_ids" not in batch:  # every sample of this batch was skipped
                 batch = next(stream)
                 skipped.update(batch["skipped"])
+            if probe is not None and not probe:  # the step's first micro-batch, before its own backward
+                probe.update(probe_term_grads(student, teacher, loss_fn, batch, device, dtype, shared_vision, cache,
+                                              distill))
             terms = distill_forward(student, teacher, loss_fn, batch, device, dtype, shared_vision, cache, distill)
             (terms["loss"] / args.grad_accum).backward()
             for k in TERMS:
@@ -477,14 +541,29 @@ def main(argv: list[str] | None = None) -> dict:
             n_tokens += int(batch["attention_mask"].sum())
         return n_tokens
 
+    def evaluate(record: dict) -> None:
+        record.update(heldout.evaluate(student))
+        evals.append(record)
+        pbar.set_postfix_str(f"held-out acc {record['eval_acc']:.3f} CE {record['eval_ce']:.3f}", refresh=False)
+        log.info(f"step {record['step']}: held-out exact match {record['eval_acc']:.3f}, answer CE "
+                 f"{record['eval_ce']:.4f} ({record['eval_n']} records)")
+
+    evals: list[dict] = []
+    if heldout is not None and step == 0:  # the student before any update
+        record = {"step": 0}
+        evaluate(record)
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+    student_params = [p for g in groups[:2] for p in g["params"]]
     with StopRequest() as stop_request, logging_redirect_tqdm():  # log lines above the bar, not inside it
         while step < total:
             sums = Counter()
+            probe = {} if step + 1 in args.probe_steps else None
             try:
-                tokens += accumulate(sums)
+                tokens += accumulate(sums, probe)
             except torch.OutOfMemoryError:
                 raise SystemExit(oom_message(args, device)) from None
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
+            grad_norm, adapter_norm = clip_gradients(student_params, adapters, args.max_grad_norm)
             if masters is not None:
                 masters.step(opt)
             else:
@@ -498,17 +577,24 @@ def main(argv: list[str] | None = None) -> dict:
             record = {"step": step, **{k: sums[k] for k in TERMS}, "lr": sched.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.time() - t0),
                       "skipped": dict(skipped), "epoch": epoch}
+            if adapter_norm is not None:
+                record["adapter_grad_norm"] = float(adapter_norm)
+            if probe:
+                record["grad_norms"] = probe
+            stop = (args.stop_after is not None and step - start_step >= args.stop_after) or stop_request.signum
+            if heldout is not None and (step == total or stop or (args.eval_every and step % args.eval_every == 0)):
+                evaluate(record)
             history.append(record)
-            if step % args.log_every == 0 or step == total:
+            if step % args.log_every == 0 or step == total or "eval_acc" in record or probe:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 pbar.set_postfix({k: f"{sums[k]:.3g}" for k in TERMS}
                                  | ({"skip": sum(skipped.values())} if skipped else {}))
             pbar.update(1)
-            stop = (args.stop_after is not None and step - start_step >= args.stop_after) or stop_request.signum
             if step % args.save_every == 0 or step == total or stop:
                 state = {"step": step, "epoch": epoch, "offset": offset, "skipped": dict(skipped), "args": vars(args)}
-                save_checkpoint(out, step, student, loss_fn, opt, sched, state, tok_dir, args.keep, masters)
+                save_checkpoint(out, step, student, loss_fn if distill else None, opt, sched, state, tok_dir,
+                                args.keep, masters)
             if stop:
                 why = (signal.Signals(stop_request.signum).name if stop_request.signum else
                        f"after {args.stop_after} steps (--stop-after)")
@@ -523,14 +609,14 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("loss terms, first -> last step: " +
                  ", ".join(f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in TERMS))
     log.info(f"checkpoint: {latest_checkpoint(out)}")
-    return {"history": history, "skipped": dict(skipped), "checkpoint": str(latest_checkpoint(out)),
+    return {"history": history, "evals": evals, "skipped": dict(skipped), "checkpoint": str(latest_checkpoint(out)),
             "signal": stop_request.signum}
 
 
 if __name__ == "__main__":
     try:
         result = main()
-    except (FileNotFoundError, KeyError) as e:  # missing files or a checkpoint that does not match: no traceback
+    except (FileNotFoundError, KeyError, DataFileError) as e:  # missing or unreadable files: no traceback
         raise SystemExit(f"error: {e}") from None
-    if result["signal"]:
+    if result.get("signal"):
         raise SystemExit(128 + result["signal"])  # the shell's convention for "ended by this signal"

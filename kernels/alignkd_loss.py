@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import dispatch
+from . import dispatch, reference
 
 IGNORE_INDEX = dispatch.IGNORE_INDEX
 
@@ -76,11 +76,22 @@ def _zero(*tensors) -> torch.Tensor:
     return dispatch._zero_like_graph(*tensors)
 
 
+ATTN_FORMS = ("mse", "kl")
+PROJ_SIDES = ("teacher", "student")
+
+
 class AlignKDLoss(nn.Module):
+    """The objective. ``attn_form``: "mse" is the paper's literal MSE of attention probabilities through the 1x1
+    conv over heads (``attn_weight``, ``attn_bias``); "kl" is KL(mix of the teacher's vision-renormalized attention ||
+    the student's), with a convex head mix softmax(``attn_mix``) (``kernels.attention_kl_loss``). ``proj_side``:
+    "teacher" is the paper's adapter A: d_t -> d_s on the teacher's tokens (A(V_t) vs V_s); "student" puts it on the
+    student's tokens (A: d_s -> d_t, A(V_s) vs V_t), so the adapter cannot fit the loss unless the student's tokens
+    carry what the teacher's do."""
+
     def __init__(self, teacher_heads: int, student_heads: int, teacher_dim: int, student_dim: int,
                  w_logit: float = 1.0, w_attn: float = 1.0, w_proj_all: float = 1.0, w_proj_focus: float = 1.0,
                  topk: int = 16, kl: str = "forward", temperature: float = 1.0, backend: str = "auto",
-                 chunk_rows: int = dispatch.DEFAULT_CHUNK_ROWS):
+                 chunk_rows: int = dispatch.DEFAULT_CHUNK_ROWS, attn_form: str = "mse", proj_side: str = "teacher"):
         super().__init__()
         if kl not in ("forward", "reverse"):
             raise ValueError(f"kl must be 'forward' or 'reverse', got {kl!r}")
@@ -88,24 +99,36 @@ class AlignKDLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
+        if attn_form not in ATTN_FORMS:
+            raise ValueError(f"attn_form must be one of {ATTN_FORMS}, got {attn_form!r}")
+        if proj_side not in PROJ_SIDES:
+            raise ValueError(f"proj_side must be one of {PROJ_SIDES}, got {proj_side!r}")
         dispatch.resolve_backend(backend)  # validate early
-        self.attn_weight = nn.Parameter(head_average_init(student_heads, teacher_heads))
-        self.attn_bias = nn.Parameter(torch.zeros(student_heads))
-        self.proj = nn.Linear(teacher_dim, student_dim, bias=True)
+        init = head_average_init(student_heads, teacher_heads)
+        if attn_form == "mse":
+            self.attn_weight = nn.Parameter(init)
+            self.attn_bias = nn.Parameter(torch.zeros(student_heads))
+        else:  # softmax(log(init)) = init where init > 0; a small floor lets every teacher head be learned
+            self.attn_mix = nn.Parameter(torch.log(init.clamp(min=1e-3)))
+        d_in, d_out = (teacher_dim, student_dim) if proj_side == "teacher" else (student_dim, teacher_dim)
+        self.proj = nn.Linear(d_in, d_out, bias=True)
         self.w_logit, self.w_attn, self.w_proj_all, self.w_proj_focus = (float(w) for w in (w_logit, w_attn,
                                                                                            w_proj_all, w_proj_focus))
         self.topk, self.kl, self.temperature = int(topk), kl, float(temperature)
         self.backend, self.chunk_rows = backend, int(chunk_rows)
+        self.attn_form, self.proj_side = attn_form, proj_side
 
     def extra_repr(self) -> str:
-        return (f"heads {self.attn_weight.shape[1]}->{self.attn_weight.shape[0]}, weights logit={self.w_logit} "
+        return (f"attn {self.attn_form}, proj adapter on the {self.proj_side}, weights logit={self.w_logit} "
                 f"attn={self.w_attn} proj_all={self.w_proj_all} proj_focus={self.w_proj_focus}, topk={self.topk}, "
                 f"kl={self.kl}, T={self.temperature}, backend={self.backend}")
 
     # ---------------------------------------------------------------------------------------------------------------
 
-    def forward(self, student: KDSide, teacher: KDSide | None, batch: KDBatch, distill: bool = True
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, student: KDSide, teacher: KDSide | None, batch: KDBatch, distill: bool = True,
+                separate: bool = False) -> dict[str, torch.Tensor]:
+        """The terms of one micro-batch. ``separate=True`` (the gradient probe) returns every weighted term with its
+        own graph ("ce", "logit", "attn", "proj_all", "proj_focus"; "loss" their sum) instead of CE + KD fused."""
         rows = batch.labels[:, 1:] != IGNORE_INDEX  # [B, L-1]: hidden[:, :-1] predicts labels[:, 1:]
         targets = batch.labels[:, 1:][rows]
         h_s = student.hidden[:, :-1][rows]  # [N, H_s]
@@ -114,14 +137,23 @@ class AlignKDLoss(nn.Module):
 
         if not distill:
             ce = dispatch.chunked_cross_entropy(h_s, w_s, targets, self.chunk_rows)
-            return {"loss": ce, "ce": ce.detach(), "logit": zero, "attn": zero, "proj_all": zero, "proj_focus": zero}
+            return {"loss": ce, "ce": ce if separate else ce.detach(), "logit": zero, "attn": zero, "proj_all": zero,
+                    "proj_focus": zero}
         if teacher is None:
             raise ValueError("distill=True needs the teacher's KDSide")
 
-        total, ce, logit = self._ce_and_logit(h_s, w_s, teacher.hidden[:, :-1][rows].detach(),
-                                              teacher.lm_head_weight.detach(), targets)
+        h_t, w_t = teacher.hidden[:, :-1][rows].detach(), teacher.lm_head_weight.detach()
         attn, focus_idx, has_focus = self._attention(student, teacher, batch)
         proj_all, proj_focus = self._projection(student, teacher, batch, focus_idx, has_focus)
+        if separate:
+            terms = {"ce": dispatch.chunked_cross_entropy(h_s, w_s, targets, self.chunk_rows),
+                     "logit": self.w_logit * dispatch.logit_kd_loss(h_s, w_s, h_t, w_t, kind=self.kl,
+                                                                    temperature=self.temperature,
+                                                                    backend=self.backend),
+                     "attn": self.w_attn * attn, "proj_all": self.w_proj_all * proj_all,
+                     "proj_focus": self.w_proj_focus * proj_focus}
+            return {"loss": sum(terms.values()), **terms}
+        total, ce, logit = self._ce_and_logit(h_s, w_s, h_t, w_t, targets)
         for w, term in ((self.w_attn, attn), (self.w_proj_all, proj_all), (self.w_proj_focus, proj_focus)):
             if w != 0.0:
                 total = total + w * term
@@ -146,10 +178,10 @@ class AlignKDLoss(nn.Module):
         vision_before = (torch.cumsum(vm.to(torch.int32), 1) - vm.to(torch.int32)) > 0
         has_pairs = (tm & vision_before).any(1)
         has_focus = has_pairs & batch.has_image.bool()
-        w, b = self.attn_weight, self.attn_bias
+        adapter = [self.attn_weight, self.attn_bias] if self.attn_form == "mse" else [self.attn_mix]
         q_s, k_s = student.q0, student.k0
         if not bool(has_pairs.any()):
-            return _zero(q_s, k_s, w, b), None, has_focus
+            return _zero(q_s, k_s, *adapter), None, has_focus
         q_t, k_t, lse_t = teacher.q0.detach(), teacher.k0.detach(), teacher.lse0
         if not bool(has_pairs.all()):  # only the samples that have pairs (the others add nothing to sum or count)
             sel = has_pairs.nonzero().squeeze(1)
@@ -160,13 +192,21 @@ class AlignKDLoss(nn.Module):
         else:
             sel = None
         with contextlib.nullcontext() if self.w_attn != 0.0 else torch.no_grad():  # w_attn 0: reported only, no grads
-            attn, focus = dispatch.attention_alignment_and_focus(q_t, k_t, q_s, k_s, tm, vm, w, b, am,
-                                                                 teacher_lse=lse_t, backend=self.backend)
+            if self.attn_form == "mse":
+                attn, focus = dispatch.attention_alignment_and_focus(q_t, k_t, q_s, k_s, tm, vm, *adapter, am,
+                                                                     teacher_lse=lse_t, backend=self.backend)
+            else:
+                attn = dispatch.attention_kl_loss(q_t, k_t, q_s, k_s, tm, vm, self.mix(), am, backend=self.backend)
+                focus = dispatch.text_focus(q_t, k_t, tm, vm, am, teacher_lse=lse_t, backend=self.backend)
         focus = focus.detach()
         if sel is not None:  # back to the whole batch (samples without pairs: F = 0)
             focus = focus.new_zeros(batch.labels.shape[0], focus.shape[1]).index_copy_(0, sel, focus)
         focus_idx = self.select_focus(focus, batch.vision_start, student.vision_tokens.shape[1])
         return attn, focus_idx, has_focus
+
+    def mix(self) -> torch.Tensor:
+        """[Hs, Ht] convex mix of teacher heads of the "kl" form (rows sum to 1)."""
+        return torch.softmax(self.attn_mix.float(), dim=1)
 
     def select_focus(self, focus: torch.Tensor, vision_start: torch.Tensor, n_vis: int) -> torch.Tensor:
         """Focus set: top-``topk`` vision-token indices (into 0..n_vis-1) by the text focus F [B, L]: [B, K] long.
@@ -191,6 +231,9 @@ class AlignKDLoss(nn.Module):
         f_t = teacher.vision_tokens.detach().index_select(0, sel)
         f_s = f_s_all.index_select(0, sel)
         foc = has_focus.index_select(0, sel) if focus_idx is not None else torch.zeros_like(sel, dtype=torch.bool)
+        if self.proj_side == "student":
+            idx = focus_idx.index_select(0, sel)[foc] if bool(foc.any()) else None
+            return reference.student_projection_kd_loss(f_t, f_s, A.weight, A.bias, idx, foc)
         if bool(foc.all()):  # the common case: one fused call for both terms
             return dispatch.projection_kd_loss(f_t, f_s, A.weight, A.bias, focus_idx.index_select(0, sel),
                                                backend=self.backend)

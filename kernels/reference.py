@@ -30,6 +30,7 @@ __all__ = [
     "attention_row_lse",
     "attention_kl_loss",
     "projection_kd_loss",
+    "student_projection_kd_loss",
     "logit_kd_loss",
 ]
 
@@ -270,6 +271,31 @@ def projection_kd_loss(f_t, f_s, weight, bias, focus_idx=None):
     if focus_idx.dim() != 2 or focus_idx.shape[0] != f_t.shape[0]:
         raise ValueError(f"focus_idx must be [B, K], got {tuple(focus_idx.shape)}")
     picked = r2.gather(1, focus_idx.long()[:, :, None].expand(-1, -1, r2.shape[2]))  # [B, K, d_s]
+    return loss_all, picked.sum() / max(picked.numel(), 1)
+
+
+def student_projection_kd_loss(f_t, f_s, weight, bias, focus_idx=None, focus_rows=None):
+    """(L_proj_all, L_proj_focus) with the adapter on the student's side: A(x) = x @ weight.T + bias maps the student's
+    tokens to the teacher's width, weight [d_t, d_s], bias [d_t]. With R = A(f_s) - f_t (fp32):
+      loss_all   = mean of R^2 over all B * N * d_t entries;
+      loss_focus = mean of R^2 over the tokens focus_idx[k, :] of the samples selected by focus_rows ([B] bool;
+                   None: all B samples, focus_idx then [B, K]); gather semantics. focus_idx None: a zero that still
+                   backpropagates.
+    Gradients flow to f_s (through A), weight and bias. Plain PyTorch on every backend: [B, N, d_t] fp32 is a few MB
+    at MobileVLM's shapes (144 tokens x 4096), so there is nothing to fuse away.
+    """
+    if f_t.dim() != 3 or f_s.dim() != 3 or f_t.shape[:2] != f_s.shape[:2]:
+        raise ValueError(f"f_t [B, N, d_t] and f_s [B, N, d_s] expected, got {tuple(f_t.shape)}, {tuple(f_s.shape)}")
+    if tuple(weight.shape) != (f_t.shape[2], f_s.shape[2]) or tuple(bias.shape) != (f_t.shape[2],):
+        raise ValueError(f"weight must be [d_t, d_s] = [{f_t.shape[2]}, {f_s.shape[2]}] and bias [{f_t.shape[2]}]")
+    r2 = (f_s.float() @ weight.float().t() + bias.float() - f_t.detach().float()).pow(2)  # [B, N, d_t]
+    loss_all = r2.sum() / max(r2.numel(), 1)
+    if focus_idx is None:
+        return loss_all, loss_all * 0.0
+    sub = r2 if focus_rows is None else r2[focus_rows.bool()]
+    if focus_idx.dim() != 2 or focus_idx.shape[0] != sub.shape[0]:
+        raise ValueError(f"focus_idx must be [selected samples, K], got {tuple(focus_idx.shape)}")
+    picked = sub.gather(1, focus_idx.long()[:, :, None].expand(-1, -1, sub.shape[2]))
     return loss_all, picked.sum() / max(picked.numel(), 1)
 
 

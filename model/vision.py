@@ -1,4 +1,5 @@
-"""Frozen CLIP vision tower: hidden_states[select_layer] without the CLS token, under no_grad."""
+"""CLIP vision tower: hidden_states[select_layer] without the CLS token; frozen (no_grad, eval) unless made
+trainable, as the shapes world does for its teacher's first stage."""
 from __future__ import annotations
 
 import json
@@ -50,16 +51,21 @@ class CLIPVisionTower(nn.Module):
         self.vision_tower = CLIPVisionModel(config)
         self.vision_tower.requires_grad_(False)
         self.select_layer = select_layer
+        self.trainable = False
+
+    def set_trainable(self, trainable: bool = True) -> None:
+        self.trainable = trainable
+        self.vision_tower.requires_grad_(trainable)
 
     def train(self, mode: bool = True) -> "CLIPVisionTower":
-        return super().train(False)  # frozen: always eval, never activation-checkpointed
+        return super().train(mode and self.trainable)  # frozen: always eval, never activation-checkpointed
 
     @property
     def hidden_size(self) -> int:
         return self.vision_tower.config.hidden_size
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         dtype = next(self.vision_tower.parameters()).dtype
-        out = self.vision_tower(images.to(dtype), output_hidden_states=True)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            out = self.vision_tower(images.to(dtype), output_hidden_states=True)
         return out.hidden_states[self.select_layer][:, 1:].to(images.dtype)

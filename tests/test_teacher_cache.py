@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_alignkd
+from tiny_run import tiny_args
 from data import LLaVADataset, load_tokenizer, make_demo_tokenizer
 from kernels.alignkd_loss import AlignKDLoss, KDBatch, KDSide
 from model import MobileVLM, teacher_cache
@@ -41,8 +42,8 @@ def _as_user(root, out, *extra) -> list[str]:
 def runs(tmp_path_factory):
     """A live-teacher demo run and a demo run with --cache-teacher (which builds the cache first), same seed."""
     live, cached = tmp_path_factory.mktemp("live"), tmp_path_factory.mktemp("cached")
-    a = train_alignkd.main(["--output-dir", str(live), "--demo-steps", str(STEPS), *FAST])["history"]
-    b = train_alignkd.main(["--output-dir", str(cached), "--demo-steps", str(STEPS), "--cache-teacher",
+    a = train_alignkd.main(["--output-dir", str(live), *tiny_args(live, str(STEPS)), *FAST])["history"]
+    b = train_alignkd.main(["--output-dir", str(cached), *tiny_args(cached, str(STEPS)), "--cache-teacher",
                             str(cached / "tc"), "--cache-shard-size", str(SHARD), *FAST])["history"]
     return {"live": live, "cached": cached, "cache": cached / "tc", "live_hist": a, "cached_hist": b}
 
@@ -55,7 +56,7 @@ def test_run_from_the_cache_gives_the_live_teachers_losses(runs, monkeypatch):
     def no_teacher(*a, **k):
         raise AssertionError("the teacher was loaded although the cache is complete")
     monkeypatch.setattr(train_alignkd, "load_teacher", no_teacher)
-    again = train_alignkd.main(["--output-dir", str(runs["cached"]), "--demo-steps", str(STEPS), "--cache-teacher",
+    again = train_alignkd.main(["--output-dir", str(runs["cached"]), *tiny_args(runs["cached"], str(STEPS)), "--cache-teacher",
                                 str(runs["cache"]), *FAST])["history"]
     _same_terms(runs["cached_hist"], again, rel=1e-7)
 
@@ -164,7 +165,7 @@ def test_manifest_differences_are_named():
 
 def test_interrupted_build_resumes_at_the_first_missing_shard(runs, tmp_path, monkeypatch):
     out, cache = tmp_path / "run", tmp_path / "run" / "tc"
-    argv = ["--output-dir", str(out), "--demo-steps", "1", "--cache-teacher", str(cache), "--cache-shard-size",
+    argv = ["--output-dir", str(out), *tiny_args(out, "1"), "--cache-teacher", str(cache), "--cache-shard-size",
             str(SHARD), *FAST]
     real, written = teacher_cache.write_shard, []
 

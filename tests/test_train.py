@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_alignkd
+from tiny_run import tiny_args
 from kernels.alignkd_loss import head_average_init
 from model import MobileVLM
 
@@ -20,7 +21,7 @@ def _log(out):
 
 
 def test_demo_learns_and_writes_a_loadable_checkpoint(tmp_path):
-    result = train_alignkd.main(["--output-dir", str(tmp_path), "--demo-steps", "24", *FAST])
+    result = train_alignkd.main(["--output-dir", str(tmp_path), *tiny_args(tmp_path, "24"), *FAST])
     hist = result["history"]
     assert [h["step"] for h in hist] == list(range(1, 25))
     for h in hist:
@@ -47,10 +48,10 @@ def test_demo_learns_and_writes_a_loadable_checkpoint(tmp_path):
 
 def test_resume_continues_at_the_right_step_with_the_same_result(tmp_path):
     full, parts = tmp_path / "full", tmp_path / "parts"
-    train_alignkd.main(["--output-dir", str(full), "--demo-steps", "6", *FAST])
-    train_alignkd.main(["--output-dir", str(parts), "--demo-steps", "6", "--stop-after", "3", *FAST])
+    train_alignkd.main(["--output-dir", str(full), *tiny_args(full, "6"), *FAST])
+    train_alignkd.main(["--output-dir", str(parts), *tiny_args(parts, "6"), "--stop-after", "3", *FAST])
     assert (parts / "latest").read_text().strip() == "checkpoint-3"
-    train_alignkd.main(["--output-dir", str(parts), "--demo-steps", "6", "--resume", *FAST])
+    train_alignkd.main(["--output-dir", str(parts), *tiny_args(parts, "6"), "--resume", *FAST])
     assert [h["step"] for h in _log(parts)] == [1, 2, 3, 4, 5, 6]
     a, b = MobileVLM.from_pretrained(full / "checkpoint-6"), MobileVLM.from_pretrained(parts / "checkpoint-6")
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -60,7 +61,7 @@ def test_resume_continues_at_the_right_step_with_the_same_result(tmp_path):
 
 
 def test_no_distill_baseline_is_ce_only(tmp_path):
-    result = train_alignkd.main(["--output-dir", str(tmp_path), "--demo-steps", "3", "--no-distill", *FAST])
+    result = train_alignkd.main(["--output-dir", str(tmp_path), *tiny_args(tmp_path, "3"), "--no-distill", *FAST])
     for h in result["history"]:
         assert h["logit"] == h["attn"] == h["proj_all"] == h["proj_focus"] == 0
         assert h["loss"] == pytest.approx(h["ce"]) and h["ce"] > 0
@@ -75,7 +76,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no complete checkpoint"):
-        train_alignkd.main(["--output-dir", str(tmp_path), "--demo-steps", "2", "--resume", *FAST])
+        train_alignkd.main(["--output-dir", str(tmp_path), *tiny_args(tmp_path, "2"), "--resume", *FAST])
 
 
 def test_vision_towers_are_shared_only_when_bit_identical():
@@ -124,7 +125,7 @@ def test_sigterm_saves_a_checkpoint_after_the_current_step_and_resume_continues(
     import time
 
     out = tmp_path / "run"
-    argv = ["--output-dir", str(out), "--demo-steps", "1000", *FAST]
+    argv = ["--output-dir", str(out), *tiny_args(out, "1000"), *FAST]
     proc = subprocess.Popen([sys.executable, "train_alignkd.py", *argv], cwd=Path(train_alignkd.__file__).parent,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

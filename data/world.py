@@ -1,0 +1,206 @@
+"""The shapes world: a small synthetic task where answering needs the right image region, so that a teacher's
+cross-modal alignment is worth distilling.
+
+A scene is 2-4 objects (a shape in a colour) in distinct cells of a 3 x 3 grid on a 336 x 336 image; a cell is
+112 px, 8 x 8 CLIP patches, 4 x 4 of the 144 image tokens. Every question names an object or a region, so the answer
+lives in a few image tokens that the text has to find:
+
+    What colour is the triangle?             Red.          (a shape that occurs once)
+    What shape is the blue object?           Square.       (a colour that occurs once)
+    How many circles are there?              Two.
+    Where is the green circle?               Top left.
+    What is in the bottom right?             A red square. / Nothing.
+    What is left of the red circle?          A blue square. / Nothing.   (the nearest object to its left in its row)
+
+Records are LLaVA-format: `plain` captions ("A red circle at the top left and a blue square in the center.") for a
+stage-1 style run, and `v1` conversations (three questions about one image) for training; held-out records have
+one question each. The split is by scene: a held-out scene (its set of (cell, shape, colour)) never occurs in the
+training data, so every held-out (image, question) pair is unseen. Everything is drawn from one seed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import sentencepiece as spm
+from PIL import Image, ImageDraw
+
+from .constants import IMAGE_SIZE
+from .templates import ROLES_V1, SYSTEM_V1
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+           "purple": (140, 60, 170), "orange": (245, 140, 30)}
+SHAPES = ("circle", "square", "triangle")
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
+NUMBERS = ("None", "One", "Two", "Three", "Four")
+QUESTION_KINDS = ("colour", "shape", "count", "where", "what_at", "left_of")
+BACKGROUND = (250, 250, 250)
+CELL = IMAGE_SIZE // 3
+
+
+def cell_name(cell: int) -> str:
+    r, c = divmod(cell, 3)
+    if (r, c) == (1, 1):
+        return "center"
+    if r == 1:
+        return f"middle {COLS[c]}"
+    if c == 1:
+        return f"{ROWS[r]} center"
+    return f"{ROWS[r]} {COLS[c]}"
+
+
+def scene_key(scene: list[dict]) -> str:
+    """The scene's identity (the split is made on it): its objects, in cell order."""
+    return ";".join(f"{o['cell']}:{o['colour']}:{o['shape']}" for o in sorted(scene, key=lambda o: o["cell"]))
+
+
+def _scene(rng: random.Random) -> list[dict]:
+    cells = sorted(rng.sample(range(9), rng.randint(2, 4)))
+    return [{"cell": c, "shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)),
+             "dx": rng.randint(-8, 8), "dy": rng.randint(-8, 8), "r": rng.randint(30, 40)} for c in cells]
+
+
+def _phrase(o: dict) -> str:
+    return f"a {o['colour']} {o['shape']}"
+
+
+def caption(scene: list[dict]) -> str:
+    parts = [f"{_phrase(o)} {'in the' if cell_name(o['cell']) == 'center' else 'at the'} {cell_name(o['cell'])}"
+             for o in sorted(scene, key=lambda o: o["cell"])]
+    text = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+    return text[0].upper() + text[1:] + "."
+
+
+def _left_of(scene: list[dict], o: dict) -> dict | None:
+    row = [p for p in scene if p["cell"] // 3 == o["cell"] // 3 and p["cell"] < o["cell"]]
+    return max(row, key=lambda p: p["cell"]) if row else None
+
+
+def questions(scene: list[dict]) -> list[tuple[str, str, str]]:
+    """Every (kind, question, answer) this scene supports; answers are short and unique."""
+    out = []
+    shapes = [o["shape"] for o in scene]
+    colours = [o["colour"] for o in scene]
+    for o in scene:
+        if shapes.count(o["shape"]) == 1:
+            out.append(("colour", f"What colour is the {o['shape']}?", f"{o['colour'].capitalize()}."))
+        if colours.count(o["colour"]) == 1:
+            out.append(("shape", f"What shape is the {o['colour']} object?", f"{o['shape'].capitalize()}."))
+        if sum(p["shape"] == o["shape"] and p["colour"] == o["colour"] for p in scene) == 1:
+            out.append(("where", f"Where is the {o['colour']} {o['shape']}?", f"{cell_name(o['cell']).capitalize()}."))
+            left = _left_of(scene, o)
+            out.append(("left_of", f"What is left of the {o['colour']} {o['shape']}?",
+                        f"{_phrase(left).capitalize()}." if left else "Nothing."))
+    for s in SHAPES:
+        out.append(("count", f"How many {s}s are there?", f"{NUMBERS[shapes.count(s)]}."))
+    by_cell = {o["cell"]: o for o in scene}
+    for c in range(9):
+        answer = f"{_phrase(by_cell[c]).capitalize()}." if c in by_cell else "Nothing."
+        out.append(("what_at", f"What is in the {cell_name(c)}?", answer))
+    return out
+
+
+def draw(scene: list[dict]) -> Image.Image:
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    for o in scene:
+        r, c = divmod(o["cell"], 3)
+        cx, cy, rad = c * CELL + CELL // 2 + o["dx"], r * CELL + CELL // 2 + o["dy"], o["r"]
+        fill = COLOURS[o["colour"]]
+        if o["shape"] == "circle":
+            d.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], fill=fill)
+        elif o["shape"] == "square":
+            d.rectangle([cx - rad, cy - rad, cx + rad, cy + rad], fill=fill)
+        else:
+            d.polygon([(cx, cy - rad), (cx - rad, cy + rad), (cx + rad, cy + rad)], fill=fill)
+    return img
+
+
+def _pick(rng: random.Random, scene: list[dict], k: int) -> list[tuple[str, str, str]]:
+    """k questions of different kinds where possible (a kind first, then one of its questions), so that rare kinds
+    are not drowned by the nine `what_at` questions every scene has."""
+    by_kind: dict[str, list] = {}
+    for q in questions(scene):
+        by_kind.setdefault(q[0], []).append(q)
+    kinds = rng.sample(sorted(by_kind), min(k, len(by_kind)))
+    return [rng.choice(by_kind[kind]) for kind in kinds]
+
+
+def _turn(human: str, gpt: str) -> list[dict]:
+    return [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+
+
+def make_world(folder: str | Path, n_train: int = 2000, n_heldout: int = 300, seed: int = 0,
+               questions_per_image: int = 3) -> dict[str, Path]:
+    """Write the world under `folder`: `train_v1.json` (n_train images, `questions_per_image` questions each),
+    `train_plain.json` (the same images, captions), `heldout_v1.json` (n_heldout unseen scenes, one question
+    each, kinds in turn), `heldout_plain.json`, and the PNGs under `images/` (the image folder is `folder`).
+    Deterministic for a seed. Returns the paths by name."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    train_v1, train_plain, held_v1, held_plain = [], [], [], []
+    while len(train_v1) < n_train:
+        scene = _scene(rng)
+        seen.add(scene_key(scene))
+        i = len(train_v1)
+        image = f"images/train_{i:05d}.png"
+        draw(scene).save(folder / image)
+        conv = []
+        for k, (_, q, a) in enumerate(_pick(rng, scene, questions_per_image)):
+            conv += _turn(f"<image>\n{q}" if k == 0 else q, a)
+        train_v1.append({"id": f"train-{i:05d}", "image": image, "conversations": conv})
+        train_plain.append({"id": f"train-{i:05d}", "image": image, "conversations": _turn("<image>", caption(scene))})
+    while len(held_v1) < n_heldout:
+        scene = _scene(rng)
+        if scene_key(scene) in seen:  # held out means never seen in training
+            continue
+        seen.add(scene_key(scene))
+        i = len(held_v1)
+        kind = QUESTION_KINDS[i % len(QUESTION_KINDS)]
+        options = [q for q in questions(scene) if q[0] == kind] or questions(scene)
+        _, q, a = rng.choice(options)
+        image = f"images/heldout_{i:05d}.png"
+        draw(scene).save(folder / image)
+        held_v1.append({"id": f"heldout-{i:05d}", "image": image, "kind": kind,
+                        "conversations": _turn(f"<image>\n{q}", a)})
+        held_plain.append({"id": f"heldout-{i:05d}", "image": image,
+                           "conversations": _turn("<image>", caption(scene))})
+    paths = {}
+    for name, records in (("train_v1", train_v1), ("train_plain", train_plain), ("heldout_v1", held_v1),
+                          ("heldout_plain", held_plain)):
+        paths[name] = folder / f"{name}.json"
+        paths[name].write_text(json.dumps(records, indent=1))
+    return paths
+
+
+def world_texts(n_scenes: int = 3000, seed: int = 12345) -> list[str]:
+    """Every phrase the world uses (all questions, answers and captions of many scenes) plus the v1 template."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n_scenes):
+        scene = _scene(rng)
+        # the template's words once per scene, as often as in training text, so BPE learns them as whole pieces
+        texts += [SYSTEM_V1, f"{ROLES_V1[0]}: {ROLES_V1[1]}:", caption(scene)]
+        for _, q, a in questions(scene):
+            texts += [q, a]
+    return texts
+
+
+def make_world_tokenizer(folder: str | Path, vocab_size: int = 800) -> Path:
+    """A small BPE SentencePiece model of the world's text with LLaMA's settings (byte fallback, dummy prefix,
+    <unk>=0 <s>=1 </s>=2): `folder/tokenizer.model`, ready for `load_tokenizer`. Deterministic."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(world_texts()), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+        split_digits=True, allow_whitespace_only_pieces=True, num_threads=1, shuffle_input_sentence=False,
+        input_sentence_size=0, minloglevel=2)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    return folder

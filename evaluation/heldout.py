@@ -1,0 +1,85 @@
+"""Held-out evaluation during training: answer cross-entropy per supervised token and greedy exact match.
+
+For every record of a LLaVA-format JSON (made into a sample exactly as training makes it: same template, image mode
+and length limit):
+- answer CE: the teacher-forced next-token cross-entropy summed over the record's supervised tokens, divided by the
+  number of supervised tokens of all records (nats per token);
+- exact match: the prompt is the sample's tokens before its first supervised token, the reference is that first
+  supervised span (the first answer); the model decodes greedily, and the two texts are compared after
+  `normalize_answer`. A multi-round record is scored on its first answer.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data import Collator, LLaVADataset, Tokenizer
+from data.constants import IGNORE_INDEX
+from model.generation import decode_answer, greedy_generate, length_sorted_batches
+
+
+def normalize_answer(text: str) -> str:
+    """First line, lower case, without surrounding spaces and a final period."""
+    return text.split("\n")[0].strip().lower().rstrip(".").strip()
+
+
+def first_answer(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(prompt ids, reference ids): the tokens before the first supervised one, and that supervised run."""
+    sup = (labels != IGNORE_INDEX).tolist()
+    start = sup.index(True)
+    end = start
+    while end < len(sup) and sup[end]:
+        end += 1
+    return input_ids[:start].tolist(), input_ids[start:end].tolist()
+
+
+class HeldOut:
+    """The held-out records of one JSON, prepared once; `evaluate(model)` scores a model on them."""
+
+    def __init__(self, json_path: str | Path, image_folder: str | Path, tokenizer: Tokenizer, template: str,
+                 image_mode: str, max_len: int, limit: int | None = None, cache_dir: str | Path | None = None):
+        dataset = LLaVADataset(json_path, image_folder, tokenizer, template, image_mode, max_len, cache_dir=cache_dir)
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        samples = [dataset[i] for i in range(n)]
+        self.skipped = Counter(s["skip"] for s in samples if "skip" in s)
+        self.samples = [s for s in samples if "skip" not in s]
+        if not self.samples:
+            raise ValueError(f"{json_path}: no usable held-out record (skipped: {dict(self.skipped)})")
+        self.tokenizer, self.collate = tokenizer, Collator(tokenizer.pad_token_id)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @torch.no_grad()
+    def evaluate(self, model, batch_size: int = 32) -> dict[str, float]:
+        """{"eval_ce": nats per supervised token, "eval_acc": exact-match fraction, "eval_n": records}."""
+        was_training = model.training
+        model.eval()
+        device, dtype = model.device, model.lm_head.weight.dtype
+        try:
+            nll, n_tok = 0.0, 0
+            for i in range(0, len(self.samples), batch_size):
+                b = self.collate(self.samples[i:i + batch_size])
+                out = model(b["input_ids"].to(device), b["attention_mask"].to(device),
+                            images=b["images"].to(device, dtype), labels=b["labels"].to(device),
+                            compute_logits=False)
+                labels = out.mm.labels[:, 1:]
+                rows = labels != IGNORE_INDEX
+                logits = model.lm_head(out.hidden_states[:, :-1][rows]).float()
+                nll += float(F.cross_entropy(logits, labels[rows], reduction="sum"))
+                n_tok += int(rows.sum())
+            prompts, refs = zip(*(first_answer(s["input_ids"], s["labels"]) for s in self.samples))
+            correct = 0
+            for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
+                new = greedy_generate(model, [prompts[j] for j in batch], [self.samples[j]["image"] for j in batch],
+                                      max(len(refs[j]) for j in batch) + 4, self.tokenizer.eos_token_id,
+                                      self.tokenizer.pad_token_id)
+                for j, ids in zip(batch, new):
+                    correct += normalize_answer(decode_answer(self.tokenizer, ids)) == \
+                        normalize_answer(decode_answer(self.tokenizer, refs[j]))
+        finally:
+            model.train(was_training)
+        return {"eval_ce": nll / max(n_tok, 1), "eval_acc": correct / len(self.samples), "eval_n": len(self.samples)}

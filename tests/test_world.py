@@ -1,0 +1,91 @@
+"""The shapes world: deterministic, held-out scenes disjoint from training, answers true to the drawn image."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+from PIL import Image
+
+from data import LLaVADataset, load_tokenizer, preprocess
+from data.world import CELL, COLOURS, QUESTION_KINDS, caption, make_world, make_world_tokenizer, questions
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cells_from_pixels(path) -> dict[int, str]:
+    """Colour name of each non-empty grid cell, read from the image's pixels (independent of the generator)."""
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    found = {}
+    for cell in range(9):
+        r, c = divmod(cell, 3)
+        block = img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL].reshape(-1, 3)
+        for name, rgb in COLOURS.items():
+            if (np.abs(block - np.array(rgb)).sum(1) < 10).sum() > 500:
+                found[cell] = name
+    return found
+
+
+def test_world_is_deterministic_and_split_by_scene(tmp_path):
+    a = make_world(tmp_path / "a", n_train=40, n_heldout=24, seed=3)
+    b = make_world(tmp_path / "b", n_train=40, n_heldout=24, seed=3)
+    c = make_world(tmp_path / "c", n_train=40, n_heldout=24, seed=4)
+    for name in a:
+        assert a[name].read_text() == b[name].read_text()
+    assert a["train_v1"].read_text() != c["train_v1"].read_text()
+    assert _sha(tmp_path / "a" / "images" / "heldout_00005.png") == _sha(tmp_path / "b" / "images" / "heldout_00005.png")
+    train = json.loads(a["train_plain"].read_text())
+    held = json.loads(a["heldout_plain"].read_text())
+    # a caption names every object with its cell: equal captions <=> equal scenes; none is shared
+    assert not {r["conversations"][1]["value"] for r in train} & {r["conversations"][1]["value"] for r in held}
+    held_v1 = json.loads(a["heldout_v1"].read_text())
+    assert [r["kind"] for r in held_v1[:len(QUESTION_KINDS)]] == list(QUESTION_KINDS)
+    assert all(len(r["conversations"]) == 2 for r in held_v1)
+    # three questions of different kinds per image (two when a scene of identical objects supports only two kinds)
+    assert all(len(r["conversations"]) in (4, 6) for r in json.loads(a["train_v1"].read_text()))
+
+
+def test_answers_match_the_pixels(tmp_path):
+    paths = make_world(tmp_path, n_train=30, n_heldout=12, seed=0)
+    for rec in json.loads(paths["train_plain"].read_text()):
+        colours = _cells_from_pixels(tmp_path / rec["image"])
+        cap = rec["conversations"][1]["value"].lower()
+        assert sorted(colours.values()) == sorted(w for w in cap.replace(",", " ").split() if w in COLOURS)
+    for rec in json.loads(paths["train_v1"].read_text()):
+        colours = _cells_from_pixels(tmp_path / rec["image"])
+        for human, gpt in zip(rec["conversations"][::2], rec["conversations"][1::2]):
+            q, a = human["value"].replace("<image>\n", ""), gpt["value"].lower().rstrip(".")
+            if q.startswith("What colour is the"):
+                assert a in colours.values()
+            if q.startswith("How many"):
+                assert a in ("none", "one", "two", "three", "four")
+
+
+def test_questions_and_caption_of_a_known_scene():
+    scene = [{"cell": 0, "shape": "circle", "colour": "red", "dx": 0, "dy": 0, "r": 35},
+             {"cell": 2, "shape": "square", "colour": "blue", "dx": 0, "dy": 0, "r": 35},
+             {"cell": 4, "shape": "circle", "colour": "green", "dx": 0, "dy": 0, "r": 35}]
+    qa = {q: a for _, q, a in questions(scene)}
+    assert qa["What colour is the square?"] == "Blue."
+    assert "What colour is the circle?" not in qa  # two circles: ambiguous, never asked
+    assert qa["What shape is the green object?"] == "Circle."
+    assert qa["How many circles are there?"] == "Two."
+    assert qa["How many triangles are there?"] == "None."
+    assert qa["Where is the blue square?"] == "Top right."
+    assert qa["What is in the center?"] == "A green circle."
+    assert qa["What is in the bottom left?"] == "Nothing."
+    assert qa["What is left of the blue square?"] == "A red circle."
+    assert qa["What is left of the red circle?"] == "Nothing."
+    assert caption(scene) == "A red circle at the top left, a blue square at the top right and a green circle in the center."
+
+
+def test_world_records_are_short_training_samples(tmp_path):
+    tok = load_tokenizer(make_world_tokenizer(tmp_path / "tok"))
+    paths = make_world(tmp_path / "w", n_train=8, n_heldout=6, seed=1)
+    rec = json.loads(paths["train_v1"].read_text())[0]
+    ids = preprocess(rec, tok, "v1")["input_ids"]
+    assert len(ids) < 100  # the template and the world's words are whole pieces
+    ds = LLaVADataset(paths["heldout_v1"], tmp_path / "w", tok, "v1", "pad", 512)
+    assert all("skip" not in ds[i] for i in range(len(ds)))

@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-image-folder", help="image folder of --eval-data (default: the training image folder)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (0: start and end)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out records")
+    p.add_argument("--no-eval-at-start", action="store_true", help="skip the held-out evaluation before step 1")
     p.add_argument("--student", help="MobileVLM checkpoint folder, or a LLaMA folder (with --vision-tower)")
     p.add_argument("--teacher", help="MobileVLM checkpoint folder (MobileVLM_V2-7B)")
     p.add_argument("--vision-tower", help="local CLIP folder (config, and weights for a LLaMA-folder student)")
@@ -549,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict:
                  f"{record['eval_ce']:.4f} ({record['eval_n']} records)")
 
     evals: list[dict] = []
-    if heldout is not None and step == 0:  # the student before any update
+    if heldout is not None and step == 0 and not args.no_eval_at_start:  # the student before any update
         record = {"step": 0}
         evaluate(record)
         log_file.write(json.dumps(record) + "\n")

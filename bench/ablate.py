@@ -60,12 +60,12 @@ def run_arm(assets: dict, out: Path, arm: str, seed: int, steps: int, batch: int
         return json.loads(result_file.read_text())
     t0 = time.time()
     argv = demo.student_argv(assets, student, run_dir, seed, steps, batch, lr, eval_limit=eval_limit)
-    run = main(argv + ARMS[arm] + ["--probe-grads", probe, "--log-every", str(steps)])
+    run = main(argv + ARMS[arm] + ["--probe-grads", probe, "--log-every", str(steps), "--no-eval-at-start"])
     last = run["evals"][-1]
     probes = {r["step"]: {"terms": {k: r[k] for k in TERMS[1:]}, "grad_norms": r["grad_norms"]}
               for r in run["history"] if "grad_norms" in r}
     result = {"arm": arm, "seed": seed, "acc": last["eval_acc"], "ce": last["eval_ce"], "n": last["eval_n"],
-              "before": run["evals"][0], "probes": probes, "seconds": time.time() - t0}
+              "probes": probes, "seconds": time.time() - t0}
     result_file.write_text(json.dumps(result))
     return result
 

@@ -13,7 +13,7 @@ lives in a few image tokens that the text has to find:
     What is left of the red circle?          A blue square. / Nothing.   (the nearest object to its left in its row)
 
 Records are LLaVA-format: `plain` captions ("A red circle at the top left and a blue square in the center.") for a
-stage-1 style run, and `v1` conversations (three questions about one image) for training; held-out records have
+stage-1 style run, and `v1` conversations (eight questions about one image) for training; held-out records have
 one question each. The split is by scene: a held-out scene (its set of (cell, shape, colour)) never occurs in the
 training data, so every held-out (image, question) pair is unseen. Everything is drawn from one seed.
 """
@@ -119,13 +119,15 @@ def draw(scene: list[dict]) -> Image.Image:
 
 
 def _pick(rng: random.Random, scene: list[dict], k: int) -> list[tuple[str, str, str]]:
-    """k questions of different kinds where possible (a kind first, then one of its questions), so that rare kinds
-    are not drowned by the nine `what_at` questions every scene has."""
+    """k questions, of different kinds first (a kind, then one of its questions), so that rare kinds are not drowned
+    by the nine `what_at` questions every scene has; then any others."""
     by_kind: dict[str, list] = {}
     for q in questions(scene):
         by_kind.setdefault(q[0], []).append(q)
     kinds = rng.sample(sorted(by_kind), min(k, len(by_kind)))
-    return [rng.choice(by_kind[kind]) for kind in kinds]
+    picked = [rng.choice(by_kind[kind]) for kind in kinds]
+    rest = [q for q in questions(scene) if q not in picked]  # then any other questions, up to k
+    return picked + rng.sample(rest, min(k - len(picked), len(rest)))
 
 
 def _turn(human: str, gpt: str) -> list[dict]:
@@ -133,7 +135,7 @@ def _turn(human: str, gpt: str) -> list[dict]:
 
 
 def make_world(folder: str | Path, n_train: int = 2000, n_heldout: int = 300, seed: int = 0,
-               questions_per_image: int = 3) -> dict[str, Path]:
+               questions_per_image: int = 8) -> dict[str, Path]:
     """Write the world under `folder`: `train_v1.json` (n_train images, `questions_per_image` questions each),
     `train_plain.json` (the same images, captions), `heldout_v1.json` (n_heldout unseen scenes, one question
     each, kinds in turn), `heldout_plain.json`, and the PNGs under `images/` (the image folder is `folder`).

@@ -37,7 +37,7 @@ WORLD = (2000, 300)  # training images, held-out questions
 # (steps, batch, lr) of each stage
 VISION_STAGE = (300, 32, 3e-3)
 TEACHER_STAGE = (1500, 16, 2e-3)
-STUDENT_STAGE = (200, 8, 3e-3)
+STUDENT_STAGE = (150, 8, 3e-3)
 DEMO_DISTILL_FLAGS: list[str] = []  # the trainer's defaults
 
 

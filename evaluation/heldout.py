@@ -45,6 +45,8 @@ class HeldOut:
         n = len(dataset) if limit is None else min(limit, len(dataset))
         samples = [dataset[i] for i in range(n)]
         self.skipped = Counter(s["skip"] for s in samples if "skip" in s)
+        kinds = [dataset.index[i].get("kind") if isinstance(dataset.index[i], dict) else None for i in range(n)]
+        self.kinds = [k for k, s in zip(kinds, samples) if "skip" not in s]  # a record's optional "kind" field
         self.samples = [s for s in samples if "skip" not in s]
         if not self.samples:
             raise ValueError(f"{json_path}: no usable held-out record (skipped: {dict(self.skipped)})")
@@ -55,7 +57,8 @@ class HeldOut:
 
     @torch.no_grad()
     def evaluate(self, model, batch_size: int = 32) -> dict[str, float]:
-        """{"eval_ce": nats per supervised token, "eval_acc": exact-match fraction, "eval_n": records}."""
+        """{"eval_ce": nats per supervised token, "eval_acc": exact-match fraction, "eval_n": records}, and
+        "eval_acc_by_kind" when records carry a "kind" field (the shapes world's question kinds)."""
         was_training = model.training
         model.eval()
         device, dtype = model.device, model.lm_head.weight.dtype
@@ -72,14 +75,21 @@ class HeldOut:
                 nll += float(F.cross_entropy(logits, labels[rows], reduction="sum"))
                 n_tok += int(rows.sum())
             prompts, refs = zip(*(first_answer(s["input_ids"], s["labels"]) for s in self.samples))
-            correct = 0
+            right = [False] * len(self.samples)
             for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
                 new = greedy_generate(model, [prompts[j] for j in batch], [self.samples[j]["image"] for j in batch],
                                       max(len(refs[j]) for j in batch) + 4, self.tokenizer.eos_token_id,
                                       self.tokenizer.pad_token_id)
                 for j, ids in zip(batch, new):
-                    correct += normalize_answer(decode_answer(self.tokenizer, ids)) == \
+                    right[j] = normalize_answer(decode_answer(self.tokenizer, ids)) == \
                         normalize_answer(decode_answer(self.tokenizer, refs[j]))
         finally:
             model.train(was_training)
-        return {"eval_ce": nll / max(n_tok, 1), "eval_acc": correct / len(self.samples), "eval_n": len(self.samples)}
+        out = {"eval_ce": nll / max(n_tok, 1), "eval_acc": sum(right) / len(right), "eval_n": len(right)}
+        by_kind: dict[str, list[bool]] = {}
+        for k, r in zip(self.kinds, right):
+            if k is not None:
+                by_kind.setdefault(str(k), []).append(r)
+        if by_kind:
+            out["eval_acc_by_kind"] = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
+        return out

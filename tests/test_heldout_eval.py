@@ -25,7 +25,7 @@ def world(tmp_path_factory):
 
 def _naive(model, tok, dataset):
     """Answer CE over all supervised tokens and exact match of greedily decoded first answers, the slow way."""
-    nll, n, correct = 0.0, 0, 0
+    nll, n, correct, by_kind = 0.0, 0, 0, {}
     for i in range(len(dataset)):
         s = dataset[i]
         ids, labels = s["input_ids"], s["labels"]
@@ -48,8 +48,10 @@ def _naive(model, tok, dataset):
             if new[-1] == tok.eos_token_id:
                 break
         answer = tok.decode([t for t in new if t != tok.eos_token_id]).strip()
-        correct += normalize_answer(answer) == normalize_answer(tok.decode(ref[:-1]))
-    return nll / n, correct / len(dataset)
+        ok = normalize_answer(answer) == normalize_answer(tok.decode(ref[:-1]))
+        correct += ok
+        by_kind.setdefault(dataset.index[i]["kind"], []).append(ok)
+    return nll / n, correct / len(dataset), {k: sum(v) / len(v) for k, v in by_kind.items()}
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +85,16 @@ def test_heldout_evaluation_equals_a_naive_computation(world, trained):
     tok = load_tokenizer(tok_dir)
     model = MobileVLM.from_pretrained(out / "checkpoint-40").eval()
     got = HeldOut(paths["heldout_v1"], root / "w", tok, "v1", "pad", 512).evaluate(model, batch_size=4)
-    assert got == pytest.approx({k: result["evals"][-1][k] for k in got}, rel=1e-5)  # what the trainer logged
+    logged = result["evals"][-1]  # what the trainer logged
+    assert {k: got[k] for k in ("eval_ce", "eval_acc", "eval_n")} == pytest.approx(
+        {k: logged[k] for k in ("eval_ce", "eval_acc", "eval_n")}, rel=1e-5)
+    assert got["eval_acc_by_kind"] == logged["eval_acc_by_kind"]
     dataset = LLaVADataset(paths["heldout_v1"], root / "w", tok, "v1", "pad", 512)
     with torch.no_grad():
-        ce, acc = _naive(model, tok, dataset)
+        ce, acc, by_kind = _naive(model, tok, dataset)
     assert got["eval_ce"] == pytest.approx(ce, rel=1e-4)
     assert got["eval_acc"] == pytest.approx(acc)
+    assert got["eval_acc_by_kind"] == pytest.approx(by_kind)
     assert 0 < acc < 1  # the comparison can tell right from wrong answers
 
 

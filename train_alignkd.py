@@ -18,7 +18,9 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -102,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "parameters is measured on that step's first micro-batch (log.jsonl: grad_norms)")
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto", help="Align-KD loss kernels")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an OUTPUT_DIR that holds one: delete its checkpoints, `latest` and "
+                        "log.jsonl first (without --resume or --overwrite such a folder is refused)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
     p.add_argument("--log-every", type=int, default=1)
@@ -218,18 +223,64 @@ def save_checkpoint(out: Path, step: int, student: MobileVLM, loss_fn: AlignKDLo
         torch.save(masters.masters(), tmp / "master_weights.pt")
     if loss_fn is not None:  # a --no-distill run has no adapters to keep
         torch.save(loss_fn.state_dict(), tmp / "alignkd_adapters.pt")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
+    # tensors only (loadable with weights_only=True); counters, arguments and the numpy/python RNG states as JSON
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()},
                tmp / "trainer_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**state, "rng": rng_state_json()}, indent=1, default=_jsonable))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest_tmp = out / "latest.tmp"
     latest_tmp.write_text(final.name + "\n")
     os.replace(latest_tmp, out / "latest")
-    done = sorted((p for p in out.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(out, final, keep)
     return final
+
+
+def checkpoint_step(path: Path) -> int | None:
+    step = path.name.removeprefix("checkpoint-")
+    return int(step) if path.name.startswith("checkpoint-") and step.isdigit() and path.is_dir() else None
+
+
+def prune_checkpoints(out: Path, current: Path, keep: int) -> None:
+    """Keep `current` and the keep-1 newest checkpoints before it (keep < 1: keep all). Checkpoints numbered above
+    `current` (left by a run that this one continues from an earlier step) are removed first."""
+    if keep < 1:
+        return
+    step = checkpoint_step(current)
+    others = [(s, p) for p in out.glob("checkpoint-*") if (s := checkpoint_step(p)) is not None and p != current]
+    others.sort(key=lambda sp: (sp[0] < step, sp[0]), reverse=True)
+    for _, old in others[keep - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _jsonable(x):
+    return sorted(x) if isinstance(x, (set, frozenset)) else str(x)
+
+
+def rng_state_json() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"numpy": [name, keys.tolist(), pos, has_gauss, cached], "python": [version, list(internal), gauss_next]}
+
+
+def set_rng_state_json(rng: dict) -> None:
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def load_tensors(path: Path, map_location) -> object:
+    """torch.load with weights_only=True: tensors and plain data only, never arbitrary objects. A file that holds
+    anything else, or cannot be read, is a one-line error."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\s+Please use|\n|$)", str(e))
+        raise SystemExit(f"error: {path} is refused: it holds more than tensors and plain data "
+                         f"({m.group(1) if m else 'not loadable with weights_only=True'})") from None
+    except Exception as e:  # cut short, not a torch file, ...
+        raise SystemExit(f"error: cannot read {path}: {type(e).__name__}: {str(e).strip()[:200] or 'empty'}") from None
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -237,7 +288,45 @@ def latest_checkpoint(out: Path) -> Path | None:
     if not pointer.exists():
         return None
     ckpt = out / pointer.read_text().strip()
-    return ckpt if (ckpt / "trainer_state.pt").exists() else None
+    return ckpt if (ckpt / "trainer_state.pt").exists() and (ckpt / "trainer_state.json").exists() else None
+
+
+def existing_run(out: Path) -> list[str]:
+    """What in OUTPUT_DIR belongs to an earlier run: its checkpoints (by step) and the `latest` pointer."""
+    found = sorted((s, p.name) for p in out.glob("checkpoint-*") if (s := checkpoint_step(p)) is not None)
+    return [name for _, name in found] + (["latest"] if (out / "latest").exists() else [])
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: delete the earlier run's checkpoints (and unfinished ones), `latest` and log.jsonl."""
+    for p in [*out.glob("checkpoint-*"), *out.glob(".tmp-checkpoint-*")]:
+        if p.is_dir():
+            shutil.rmtree(p)
+    for name in ("latest", "latest.tmp", "log.jsonl", "log.jsonl.tmp"):
+        (out / name).unlink(missing_ok=True)
+
+
+def trim_log(path: Path, step: int) -> int:
+    """On resume from checkpoint-STEP: keep one record per step up to STEP (a step-0 evaluation included), drop the
+    records a stopped run wrote after its last checkpoint (and a line cut short); rewritten atomically. Returns the
+    number of lines dropped."""
+    if not path.exists():
+        return 0
+    lines = path.read_text(errors="replace").splitlines()
+    kept: dict[int, str] = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept[rec["step"]] = line  # a repeated step: the later record is the one this checkpoint continues
+    dropped = len(lines) - len(kept)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept[s] + "\n" for s in sorted(kept)))
+        os.replace(tmp, path)
+    return dropped
 
 
 # ---- data order -------------------------------------------------------------------------------------------------------
@@ -410,6 +499,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_data and not Path(args.eval_data).is_file():
         raise SystemExit(f"error: --eval-data {args.eval_data} does not exist")
     out = Path(args.output_dir)
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume continues the run in OUTPUT_DIR, --overwrite deletes it: give one")
+    held = existing_run(out) if not args.resume and out.is_dir() else []
+    if held and not args.overwrite:
+        shown = ", ".join(held if len(held) <= 4 else [*held[:3], "...", held[-1]])
+        raise SystemExit(f"error: {out} already holds a run ({shown}): continue it with --resume, or start anew "
+                         f"with --overwrite (deletes its checkpoints, latest and log.jsonl)")
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -481,27 +577,43 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
+            pointed = out / (out / "latest").read_text().strip() if (out / "latest").exists() else None
+            if pointed is not None and (pointed / "trainer_state.pt").exists():
+                raise SystemExit(f"error: --resume: {pointed} has no trainer_state.json (an older checkpoint format, "
+                                 f"whose trainer_state.pt is not loaded: it needs unrestricted unpickling)")
             raise SystemExit(f"error: --resume but {out} has no complete checkpoint")
         if is_lora(student):
-            student.load_state_dict(torch.load(ckpt / "lora_trainable.pt", map_location=device), strict=False)
+            student.load_state_dict(load_tensors(ckpt / "lora_trainable.pt", device), strict=False)
         else:
-            resumed = MobileVLM.from_pretrained(ckpt, vision_tower=args.vision_tower, dtype=dtype, device=args.device)
+            try:
+                resumed = MobileVLM.from_pretrained(ckpt, vision_tower=args.vision_tower, dtype=dtype,
+                                                    device=args.device)  # weights_only=True (model/checkpoint.py)
+            except pickle.UnpicklingError:
+                raise SystemExit(f"error: {ckpt} is refused: its weights hold more than tensors") from None
             student.load_state_dict(resumed.state_dict())
             del resumed
         if distill:
-            loss_fn.load_state_dict(torch.load(ckpt / "alignkd_adapters.pt", map_location=device))
-        st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+            loss_fn.load_state_dict(load_tensors(ckpt / "alignkd_adapters.pt", device))
+        st = load_tensors(ckpt / "trainer_state.pt", "cpu")
+        try:
+            info = json.loads((ckpt / "trainer_state.json").read_text())
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"error: cannot read {ckpt / 'trainer_state.json'}: {e}") from None
         if masters is not None:
             if (ckpt / "master_weights.pt").exists():
-                masters.load_masters(torch.load(ckpt / "master_weights.pt", map_location=device))
+                masters.load_masters(load_tensors(ckpt / "master_weights.pt", device))
             else:
                 masters.load_masters([p.detach() for p, m in masters.pairs if m is not p])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        step, epoch, offset, skipped = st["step"], st["epoch"], st["offset"], Counter(st["skipped"])
-        torch.set_rng_state(st["rng"]["torch"]), np.random.set_state(st["rng"]["numpy"])
-        random.setstate(st["rng"]["python"])
+        step, epoch, offset, skipped = info["step"], info["epoch"], info["offset"], Counter(info["skipped"])
+        torch.set_rng_state(st["torch_rng"]), set_rng_state_json(info["rng"])
+        dropped = trim_log(out / "log.jsonl", step)
+        if dropped:
+            log.info(f"log.jsonl: {dropped} records after step {step} (written after the last checkpoint) removed")
         log.info(f"resumed from {ckpt} at step {step} (epoch {epoch}, sample {offset})")
+    elif args.overwrite:
+        clear_run(out)
 
     def batches():
         nonlocal epoch, offset
@@ -513,14 +625,21 @@ def main(argv: list[str] | None = None) -> dict:
             loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler,
                                                  collate_fn=collate,
                                                  num_workers=args.num_workers, persistent_workers=False)
+            whole_pass, usable, pass_skips = offset == 0, False, Counter()
             for batch in loader:
                 offset += args.batch_size
+                usable = usable or "input_ids" in batch
+                pass_skips.update(batch["skipped"])
                 yield batch
+            if whole_pass and not usable:  # another epoch would yield nothing either
+                why = (", ".join(f"{k} {v}" for k, v in sorted(pass_skips.items())) if pass_skips else
+                       "none; the file holds no records")
+                raise SystemExit(f"error: no usable sample in {json_path} (skipped: {why})")
             epoch, offset = epoch + 1, 0
 
     start_step = step
     stream = batches()
-    log_file = open(out / "log.jsonl", "a")
+    log_file = open(out / "log.jsonl", "a" if args.resume else "w")  # a new run: no checkpoint, no earlier records
     pbar = tqdm(total=total, initial=step, desc="align-kd" if distill else "fine-tune", dynamic_ncols=True)
     history, t0, tokens = [], time.time(), 0
     def accumulate(sums: Counter, probe: dict | None) -> int:
@@ -556,7 +675,8 @@ def main(argv: list[str] | None = None) -> dict:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
     student_params = [p for g in groups[:2] for p in g["params"]]
-    with StopRequest() as stop_request, logging_redirect_tqdm():  # log lines above the bar, not inside it
+    # log lines above the bar, not inside it; the bar is closed before an error line is printed
+    with pbar, StopRequest() as stop_request, logging_redirect_tqdm():
         while step < total:
             sums = Counter()
             probe = {} if step + 1 in args.probe_steps else None

@@ -57,7 +57,7 @@ def test_run_from_the_cache_gives_the_live_teachers_losses(runs, monkeypatch):
         raise AssertionError("the teacher was loaded although the cache is complete")
     monkeypatch.setattr(train_alignkd, "load_teacher", no_teacher)
     again = train_alignkd.main(["--output-dir", str(runs["cached"]), *tiny_args(runs["cached"], str(STEPS)), "--cache-teacher",
-                                str(runs["cache"]), *FAST])["history"]
+                                str(runs["cache"]), "--overwrite", *FAST])["history"]
     _same_terms(runs["cached_hist"], again, rel=1e-7)
 
 

@@ -159,3 +159,106 @@ def test_a_second_signal_aborts_at_once_and_handlers_are_restored():
             assert req.signum == signal.SIGINT  # the first one only asks for a stop
             os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+class _Payload:
+    """Unpickled with arbitrary globals, this touches a marker file (a harmless stand-in for any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).touch, ())
+
+
+def test_resume_refuses_checkpoint_files_that_run_code_when_unpickled(tmp_path):
+    import pickle
+
+    probe = tmp_path / "probe"  # the payload does run code when unpickled without restriction
+    pickle.loads(pickle.dumps(_Payload(probe)))
+    assert probe.exists()
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), *tiny_args(out, "2"), *FAST]
+    train_alignkd.main([*argv, "--stop-after", "1"])
+    ckpt = out / "checkpoint-1"
+    marker = tmp_path / "marker"
+    for name in ("trainer_state.pt", "alignkd_adapters.pt"):
+        good = (ckpt / name).read_bytes()
+        torch.save({"optimizer": _Payload(marker), "attn_weight": _Payload(marker)}, ckpt / name)
+        with pytest.raises(SystemExit) as e:
+            train_alignkd.main([*argv, "--resume"])
+        msg = str(e.value)
+        assert msg.startswith(f"error: {ckpt / name} is refused: it holds more than tensors") and "\n" not in msg
+        assert not marker.exists()
+        (ckpt / name).write_bytes(good)
+    assert train_alignkd.main([*argv, "--resume"])["history"][0]["step"] == 2  # the real files still resume
+
+
+def test_new_run_into_a_folder_that_holds_a_run_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), *tiny_args(out, "2"), *FAST]
+    train_alignkd.main(argv)
+    with pytest.raises(SystemExit, match=r"^error: .*run already holds a run \(checkpoint-2, latest\): continue it "
+                                         r"with --resume, or start anew with --overwrite"):
+        train_alignkd.main([*argv, "--max-steps", "1"])
+    assert (out / "latest").read_text().strip() == "checkpoint-2"  # nothing was touched
+    result = train_alignkd.main([*argv, "--max-steps", "1", "--save-every", "1", "--overwrite"])
+    assert result["checkpoint"] == str(out / "checkpoint-1")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [h["step"] for h in _log(out)] == [1]
+    with pytest.raises(SystemExit, match="give one"):
+        train_alignkd.main([*argv, "--resume", "--overwrite"])
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    student = MobileVLM.tiny(seed=1)
+    opt = torch.optim.AdamW(student.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in (3, 7, 9):  # 7 and 9: left by a run that this one continues from step 3
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    state = {"step": 5, "epoch": 0, "offset": 20, "skipped": {}, "args": {"probe_steps": {2, 1}}}
+    train_alignkd.save_checkpoint(tmp_path, 5, student, None, opt, sched, state, None, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-5"]
+    assert train_alignkd.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
+    train_alignkd.save_checkpoint(tmp_path, 6, student, None, opt, sched, {**state, "step": 6}, None, keep=1)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())["args"]["probe_steps"] == [1, 2]
+
+
+def test_data_without_a_usable_sample_is_an_error_not_a_hang(tmp_path):
+    import subprocess
+    import sys
+
+    argv = tiny_args(tmp_path, "2")
+    bad = [{"id": f"r{i}", "image": f"missing-{i}.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A."}]}
+           for i in range(6)]
+    for name, records, why in (("bad.json", bad, "missing_image 6"),
+                               ("empty.json", [], "none; the file holds no records")):
+        data = tmp_path / name
+        data.write_text(json.dumps(records))
+        argv[argv.index("--data") + 1] = str(data)
+        proc = subprocess.run([sys.executable, "train_alignkd.py", "--output-dir", str(tmp_path / f"out-{name}"), *argv,
+                               *FAST], cwd=Path(train_alignkd.__file__).parent, capture_output=True, text=True,
+                              timeout=240)  # a hang fails here
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == f"error: no usable sample in {data} (skipped: {why})"
+        assert "Traceback" not in proc.stderr
+
+
+def test_resume_after_a_stop_keeps_one_log_record_per_step(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), *tiny_args(out, "6"), *FAST]
+    train_alignkd.main([*argv, "--stop-after", "3"])
+    records = _log(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # as a run killed after step 4's record (before its checkpoint) leaves it, plus a line cut short by the kill;
+    # and a held-out evaluation record at step 0 first
+    lines = [json.dumps({"step": 0, "eval_ce": 1.5, "eval_acc": 0.25}),
+             *map(json.dumps, records), json.dumps({**records[-1], "step": 4, "loss": 99.0}), '{"step": 5, "lo']
+    (out / "log.jsonl").write_text("\n".join(lines))
+    train_alignkd.main([*argv, "--resume"])
+    log = _log(out)
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4, 5, 6]
+    assert log[0] == {"step": 0, "eval_ce": 1.5, "eval_acc": 0.25} and log[1:4] == records
+    assert log[4]["loss"] != 99.0

@@ -118,7 +118,8 @@ def train_teacher(root: Path, tok_dir: Path, world: Path, teacher_dir: Path) -> 
                 "--student", str(root / "teacher_init"), "--no-distill", "--output-dir", str(root / "teacher_run"),
                 "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--max-len", "512",
                 "--save-every", str(steps), "--keep", "1", "--no-checkpointing", "--seed", "1",
-                "--eval-data", str(world / "heldout_v1.json"), "--eval-every", "250", "--num-workers", "1"])
+                "--eval-data", str(world / "heldout_v1.json"), "--eval-every", "250", "--num-workers", "1",
+                "--overwrite"])
     ckpt = Path(run["checkpoint"])
     (root / "teacher_run" / "heldout.json").write_text(json.dumps(run["evals"][-1]))
     ckpt.rename(teacher_dir)

@@ -59,7 +59,7 @@ def run_arm(assets: dict, out: Path, arm: str, seed: int, steps: int, batch: int
         return json.loads(result_file.read_text())
     t0 = time.time()
     argv = demo.student_argv(assets, student, run_dir, seed, steps, batch, lr, eval_limit=eval_limit)
-    run = main(argv + ARMS[arm] + ["--probe-grads", probe, "--log-every", str(steps), "--no-eval-at-start"])
+    run = main(argv + ARMS[arm] + ["--probe-grads", probe, "--log-every", str(steps), "--no-eval-at-start", "--overwrite"])
     last = run["evals"][-1]
     probes = {r["step"]: {"terms": {k: r[k] for k in TERMS[1:]}, "grad_norms": r["grad_norms"]}
               for r in run["history"] if "grad_norms" in r}

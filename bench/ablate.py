@@ -46,6 +46,11 @@ ARMS: dict[str, list[str]] = {
     "logit+student_proj": NORMALIZED + ["--w-attn", "0"],
     "new_full": NORMALIZED,
 }
+DEFAULT_ARMS = tuple(ARMS)
+ARMS |= {  # lighter weights for the variants (not in the default run; pick them with --arms)
+    "logit+kl_attn_w0.1": NORMALIZED + ["--w-attn", "0.1", "--w-proj-all", "0", "--w-proj-focus", "0"],
+    "logit+student_proj_w0.1": NORMALIZED + ["--w-attn", "0", "--w-proj-all", "0.1", "--w-proj-focus", "0.1"],
+}
 QUICK_ARMS = ("ce_only", "logit", "paper_full", "new_full")
 BASELINE = "logit"
 
@@ -166,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.arms = args.arms or ",".join(QUICK_ARMS)
         args.seeds, args.steps, args.eval_limit = 1, args.steps // 3, args.eval_limit or 120
-    args.arms = (args.arms or ",".join(ARMS)).split(",")
+    args.arms = (args.arms or ",".join(DEFAULT_ARMS)).split(",")
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"error: unknown arms {unknown}; choose from {', '.join(ARMS)}")

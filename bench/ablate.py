@@ -32,8 +32,9 @@ import torch  # noqa: E402
 import demo  # noqa: E402
 from train_alignkd import TERMS, main  # noqa: E402
 
-PAPER = ["--attn-form", "mse", "--proj-side", "teacher"]
-NORMALIZED = ["--attn-form", "kl", "--proj-side", "student"]
+WEIGHTS_1 = ["--w-attn", "1", "--w-proj-all", "1", "--w-proj-focus", "1"]
+PAPER = ["--attn-form", "mse", "--proj-side", "teacher", *WEIGHTS_1]
+NORMALIZED = ["--attn-form", "kl", "--proj-side", "student", *WEIGHTS_1]
 # arm -> trainer flags (on top of the world's data, student, teacher, steps and seed)
 ARMS: dict[str, list[str]] = {
     "ce_only": ["--no-distill"],

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_alignkd
-from tiny_run import tiny_args
+from tiny_run import PAPER, tiny_args
 from data import LLaVADataset, load_tokenizer, make_demo_tokenizer
 from kernels.alignkd_loss import AlignKDLoss, KDBatch, KDSide
 from model import MobileVLM, teacher_cache
@@ -35,7 +35,7 @@ def _as_user(root, out, *extra) -> list[str]:
     assets = root / "demo_assets"
     return ["--subset", "mix2m", "--data", str(assets / "synthetic_mixed.json"), "--image-folder", str(assets),
             "--student", str(assets / "student"), "--output-dir", str(out), "--max-len", "512", "--batch-size", "4",
-            "--lr", "3e-3", "--max-steps", "1", *FAST, *extra]
+            "--lr", "3e-3", "--max-steps", "1", *FAST, *PAPER, *extra]
 
 
 @pytest.fixture(scope="module")

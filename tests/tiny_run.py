@@ -8,6 +8,10 @@ from data import load_tokenizer, make_demo_tokenizer, make_synthetic_dataset
 from model import MobileVLM
 
 
+# the paper's objective, every term on: these runs test the trainer's mechanics on all of them
+PAPER = ["--attn-form", "mse", "--w-attn", "1", "--w-proj-all", "1", "--w-proj-focus", "1"]
+
+
 def tiny_args(root: str | Path, steps: int | str) -> list[str]:
     """--data/--image-folder/--student/--teacher and the small-run settings (output dir not included)."""
     assets = Path(root) / "demo_assets"
@@ -25,4 +29,4 @@ def tiny_args(root: str | Path, steps: int | str) -> list[str]:
         student.save_pretrained(assets / "student", tokenizer_dir=tok_dir)
     return ["--data", str(assets / "synthetic_mixed.json"), "--image-folder", str(assets), "--template", "v1",
             "--student", str(assets / "student"), "--teacher", str(assets / "teacher"), "--max-steps", str(steps),
-            "--lr", "3e-3", "--batch-size", "4", "--max-len", "512", "--save-every", str(steps)]
+            "--lr", "3e-3", "--batch-size", "4", "--max-len", "512", "--save-every", str(steps), *PAPER]

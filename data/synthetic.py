@@ -130,6 +130,12 @@ def make_demo_tokenizer(folder: str | Path, vocab_size: int = 500) -> Path:
         # the template's words once per record, as in the training text, so BPE learns them as whole pieces
         texts += [SYSTEM_V1, f"{ROLES_V1[0]}: {ROLES_V1[1]}:"]
         texts += [t["value"].replace("<image>", "").strip() for t in rec["conversations"]]
+    return train_llama_like_tokenizer(texts, folder, vocab_size)
+
+
+def train_llama_like_tokenizer(texts: list[str], folder: str | Path, vocab_size: int) -> Path:
+    """A BPE SentencePiece model of `texts` with the LLaMA tokenizer's settings (byte fallback, dummy prefix, no
+    normalisation, <unk>=0 <s>=1 </s>=2) written as `folder/tokenizer.model`; returns `folder`. Deterministic."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,

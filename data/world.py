@@ -19,15 +19,14 @@ training data, so every held-out (image, question) pair is unseen. Everything is
 """
 from __future__ import annotations
 
-import io
 import json
 import random
 from pathlib import Path
 
-import sentencepiece as spm
 from PIL import Image, ImageDraw
 
 from .constants import IMAGE_SIZE
+from .synthetic import train_llama_like_tokenizer
 from .templates import ROLES_V1, SYSTEM_V1
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
@@ -195,14 +194,4 @@ def world_texts(n_scenes: int = 3000, seed: int = 12345) -> list[str]:
 def make_world_tokenizer(folder: str | Path, vocab_size: int = 800) -> Path:
     """A small BPE SentencePiece model of the world's text with LLaMA's settings (byte fallback, dummy prefix,
     <unk>=0 <s>=1 </s>=2): `folder/tokenizer.model`, ready for `load_tokenizer`. Deterministic."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(world_texts()), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
-        split_digits=True, allow_whitespace_only_pieces=True, num_threads=1, shuffle_input_sentence=False,
-        input_sentence_size=0, minloglevel=2)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.model").write_bytes(model.getvalue())
-    return folder
+    return train_llama_like_tokenizer(world_texts(), folder, vocab_size)

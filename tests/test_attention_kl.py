@@ -20,9 +20,9 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels.reference as ref
+from alloc_log import AllocLog, NoLaunch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -334,31 +334,6 @@ def test_triton_partial_grads_no_grad_teacher_noise_and_dispatch():
     assert abs(r.item() - l2.item()) <= 1e-5 * abs(r.item())
 
 
-class _AllocLog(TorchDispatchMode):
-    """Records the shape of every tensor any torch op returns (= everything the host code allocates)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            # views and in-place results share an input's storage: not an allocation
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                self.sizes.append((str(func), tuple(t.shape), t.numel()))
-        return out
-
-
-class _NoLaunch:
-    """Stands in for a Triton kernel: kernel[grid](...) does nothing (the test checks host allocations only)."""
-
-    def __getitem__(self, grid):
-        return lambda *a, **k: None
-
-
 @needs_triton
 def test_memory_contract_no_attention_map_or_text_vision_slice(monkeypatch):
     """The host side of the Triton path allocates nothing of L x L elements per (b, h), nor the teacher's or the
@@ -372,10 +347,10 @@ def test_memory_contract_no_attention_map_or_text_vision_slice(monkeypatch):
     budget = B * Hs * L * Ds
     assert budget < min(B * Hs * L * L, B * Hs * nt * nv)
     for name in ("_vision_lse_kernel", "_kl_kernel"):
-        monkeypatch.setattr(akl, name, _NoLaunch())
+        monkeypatch.setattr(akl, name, NoLaunch())
     q_t, k_t, q_s, k_s, mix = (x.to(DEV) for x in _inputs(B, L, Ht, Hs, Dt, Ds, torch.float32, seed=1))
     leaves = [_leaf(x) for x in (q_s, k_s, mix)]
-    log = _AllocLog()
+    log = AllocLog()
     with log:
         akl.attention_kl_triton(q_t, k_t, *leaves[:2], tm.to(DEV), vm.to(DEV), leaves[2], am.to(DEV)).backward()
     biggest = max(log.sizes, key=lambda s: s[2])

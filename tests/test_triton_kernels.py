@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels.reference as ref
+from alloc_log import AllocLog, NoLaunch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DIRECT = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"  # kernels can run in this process
@@ -311,31 +311,6 @@ def test_dispatch_backend_triton_reaches_these_kernels():
     assert all(x.item() == y.item() for x, y in zip(got, want))
 
 
-class _AllocLog(TorchDispatchMode):
-    """Records the shape of every tensor any torch op returns (= everything the host code allocates)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            # views and in-place results share an input's storage: not an allocation
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                self.sizes.append((str(func), tuple(t.shape), t.numel()))
-        return out
-
-
-class _NoLaunch:
-    """Stands in for a Triton kernel: kernel[grid](...) does nothing (this test checks host allocations only)."""
-
-    def __getitem__(self, grid):
-        return lambda *a, **k: None
-
-
 def test_memory_contract_no_attention_map_or_teacher_slice(monkeypatch):
     """The host side of the Triton path allocates nothing of size B*H*L*L or B*Ht*|text|*|vision|.
 
@@ -350,10 +325,10 @@ def test_memory_contract_no_attention_map_or_teacher_slice(monkeypatch):
     assert budget < forbidden
     q_t, k_t, q_s, k_s, w, b = _inputs(B, L, Ht, Hs, Dt, Ds, torch.float32, seed=1)
     for name in ("_align_kernel", "_dk_kernel"):
-        monkeypatch.setattr(aa, name, _NoLaunch())
-    monkeypatch.setattr(_lse, "_row_lse_kernel", _NoLaunch())
+        monkeypatch.setattr(aa, name, NoLaunch())
+    monkeypatch.setattr(_lse, "_row_lse_kernel", NoLaunch())
     leaves = [_leaf(x) for x in (q_s, k_s, w, b)]
-    log = _AllocLog()
+    log = AllocLog()
     with log:
         loss, _ = aa.attention_alignment_triton(q_t, k_t, leaves[0], leaves[1], tm.to(DEV), vm.to(DEV), leaves[2],
                                                 leaves[3], am.to(DEV), need_focus=True)

@@ -45,9 +45,10 @@ class HeldOut:
         n = len(dataset) if limit is None else min(limit, len(dataset))
         samples = [dataset[i] for i in range(n)]
         self.skipped = Counter(s["skip"] for s in samples if "skip" in s)
-        kinds = [dataset.index[i].get("kind") if isinstance(dataset.index[i], dict) else None for i in range(n)]
-        self.kinds = [k for k, s in zip(kinds, samples) if "skip" not in s]  # a record's optional "kind" field
-        self.samples = [s for s in samples if "skip" not in s]
+        kept = [i for i, s in enumerate(samples) if "skip" not in s]
+        self.samples = [samples[i] for i in kept]
+        records = (dataset.index[i] for i in kept)  # a record's optional "kind" field
+        self.kinds = [r.get("kind") if isinstance(r, dict) else None for r in records]
         if not self.samples:
             raise ValueError(f"{json_path}: no usable held-out record (skipped: {dict(self.skipped)})")
         self.tokenizer, self.collate = tokenizer, Collator(tokenizer.pad_token_id)

@@ -5,7 +5,7 @@
     python eval.py --compare A/metrics.json B/metrics.json [--chart cmp.png]
     python eval.py --bench demo [--model DIR]              # synthetic data, tiny random model (or DIR's model)
 
-Prompts, preprocessing, decoding and metrics follow reference/mobilevlm-v2.md section 5. Answers go to
+Prompts, preprocessing, decoding and metrics follow MobileVLM V2's evaluation scripts. Answers go to
 `OUT/<bench>.jsonl` (LLaVA format) as they are produced; a rerun skips the questions already answered (answers of
 another model in that file are refused). Every benchmark reports answered / expected questions, on screen and in
 metrics.json; a question without an answer counts as wrong and is warned about (an error with --strict), an answer

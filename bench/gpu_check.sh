@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of the kernels (issue 3) and the 24 GB step (issue 4) in one run, sized for one call of the device
-# tool (10 minutes at most): the GPU tests, bench/kernels.py, bench/train_step.py and bench/teacher_fidelity.py.
+# Every GPU check of the kernels and of the 24 GB step in one run of at most 10 minutes: the GPU tests,
+# bench/kernels.py, bench/train_step.py and bench/teacher_fidelity.py.
 #
 #   bench/gpu_wheels.sh                 # here, once: bitsandbytes, liger-kernel, transformers wheels into .whl/
 #   bash bench/gpu_check.sh "$OUT"      # on the GPU machine, carrying .whl

@@ -9,4 +9,4 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
          manylinux2014_x86_64 manylinux1_x86_64; do plat+=(--platform "$p"); done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
     -d .whl bitsandbytes==0.50.2 liger-kernel==0.8.5 transformers==5.24.0
-du -ch .whl/*.whl | tail -n 1  # the device tool carries at most 64 MiB with the working tree
+du -ch .whl/*.whl | tail -n 1  # their total size

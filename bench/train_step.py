@@ -25,7 +25,7 @@ Configurations (all in one run, on the same GPU):
      both models; full-vocab fp16 logits of both; CE on the fp16 logits; KD as the original computes it (soft CE
      -mean over all positions of sum_v softmax(z_t) log_softmax(z_s), in fp16); the attention loss through a
      Conv2d(32->16, 1x1) over the full teacher map and the projection KD through a Conv1d(4096->2048, 1) with top-16
-     focus from the head-mean teacher map (text rows x vision columns, i.e. with D2-D5 fixed: same cost); fp32
+     focus from the head-mean teacher map (text rows x vision columns, i.e. with the original's mask defects fixed: same cost); fp32
      master weights stepped by torch.optim.AdamW (fused on CUDA) with dynamic loss scaling, as DeepSpeed fp16 does on
      one GPU. Micro-batch 1 only (the original's setting); OOM is reported, not fatal.
  (c) a layer-0-only PyTorch baseline without the fused pieces: the same models, optimizer and step as (a) but

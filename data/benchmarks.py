@@ -2,7 +2,6 @@
 
 Every reader returns `Question`s in question-file order. `prompt` is the answer file's `prompt` field exactly as
 LLaVA/MobileVLM's scripts write it, so answer files made by the original scripts score here too (and vice versa).
-See reference/mobilevlm-v2.md section 5.
 """
 from __future__ import annotations
 

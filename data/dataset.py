@@ -1,4 +1,4 @@
-"""Lazy LLaVA-format dataset and its collator (mobilevlm-v2.md 1.5, 2, 4.4).
+"""Lazy LLaVA-format dataset and its collator, as MobileVLM's training reads them.
 
 A bad sample (missing or corrupt image, an image path that leads out of the image folder, malformed record, two
 images, too long, nothing to supervise) comes back as

@@ -1,4 +1,4 @@
-"""Image preprocessing of MobileVLM V2 (mobilevlm-v2.md 3): optional pad-to-square, then what HF's
+"""Image preprocessing of MobileVLM V2: optional pad-to-square, then what HF's
 `CLIPImageProcessor` does for clip-vit-large-patch14-336, in PIL + numpy so no processor config is needed."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The official metric of each benchmark, answer parsers included (reference/mobilevlm-v2.md section 5).
+"""The official metric of each benchmark, answer parsers included.
 
 A scorer takes the questions in question-file order (all of them, or the first N of a --limit run) and the answers
 as {answer key: text}, and returns a dict whose "score" is the number MobileVLM V2 reports. A question without an

@@ -1,4 +1,4 @@
-"""Training subsets by name, in MobileVLM's data layout (mobilevlm-v2.md 4.2-4.3)."""
+"""Training subsets by name, in MobileVLM's data layout."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""Conversation templates `plain` and `v1` with their label masks (mobilevlm-v2.md 1.5, 2).
+"""Conversation templates `plain` and `v1` with their label masks, as MobileVLM builds them.
 
 The original renders a whole prompt string, tokenizes it, and recovers the answer spans by re-tokenizing pieces and
 counting; any tokenizer difference silently zeroes a sample. Here ids and labels are built segment by segment, each
@@ -120,7 +120,7 @@ def build_prompt(question: str, tokenizer: Tokenizer, template: str = "v1", imag
     """Eval prompt ids `SYS USER: <image>\\n{question} ASSISTANT:` (no trailing space: generation starts after the
     colon), as `tokenizer_image_token` makes them; `image=False` leaves out "<image>\\n" (text-only questions)."""
     if template != "v1":
-        raise ValueError(f"eval prompts use the v1 template (mobilevlm-v2.md 2.2), got {template!r}")
+        raise ValueError(f"eval prompts use the v1 template, as MobileVLM's evaluation does, got {template!r}")
     if DEFAULT_IMAGE_TOKEN in question:
         raise ValueError("pass the question without '<image>': build_prompt puts it in front")
     human = DEFAULT_IMAGE_TOKEN + "\n" + question if image else question

@@ -2,7 +2,7 @@
 
 Quirks kept on purpose (they change scores): commas and `?` go before the punctuation step, so its digit-comma
 clause never fires; the period regex gets `re.UNICODE` (= 32) as its *count*, so at most 32 periods are deleted;
-only lowercase contraction keys can match. See reference/mobilevlm-v2.md section 5.3.
+only lowercase contraction keys can match.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The LLaMA tokenizer with the semantics MobileVLM trained with (mobilevlm-v2.md 1.5, 1.6).
+"""The LLaMA tokenizer with the semantics MobileVLM trained with.
 
 MobileVLM used transformers 4.33's slow `LlamaTokenizer` (legacy): the special-token strings in a text become their
 ids, and every other chunk is a separate sentencepiece call, so each chunk starts with sentencepiece's dummy-prefix

@@ -1,4 +1,4 @@
-"""alignkd's Align-KD losses (design.md section 4): one public API, dispatched to Triton or to the reference.
+"""alignkd's Align-KD losses: one public API, dispatched to Triton or to the reference.
 
     attention_alignment_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None) -> scalar
     attention_alignment_and_focus(...same...) -> (scalar, [B, L] fp32)

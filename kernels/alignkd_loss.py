@@ -1,16 +1,16 @@
-"""AlignKDLoss: the Align-KD training objective (design.md section 4) with its two trainable adapters.
+"""AlignKDLoss: the Align-KD training objective with its two trainable adapters.
 
     L = CE + w_logit * L_logit + w_attn * L_attn + w_proj_all * L_proj_all + w_proj_focus * L_proj_focus
 
 The adapters are parameters of this module, so the trainer puts them in the optimizer and saves them with every
-checkpoint (the original code's defect D1 was that they never trained):
+checkpoint (the original code's adapters never trained):
 - ``attn_weight`` [Hs, Ht], ``attn_bias`` [Hs]: the 1x1 conv over heads mapping teacher attention to student heads.
   Init: student head hs is the average of "its" teacher heads: the heads are laid on [0, 1) in equal slices and
   W[hs, ht] is the overlap of slice ht with slice hs, normalized so each row sums to 1 (Ht = 2 Hs: the plain mean of
   heads 2hs and 2hs+1). Bias 0. So the initial target is a convex mix of teacher probabilities, a valid attention row.
 - ``proj``: nn.Linear(d_t, d_s, bias=True), the projection adapter; PyTorch's default init.
 
-Rows and sets (all from the batch, never from hard-coded positions; defects D3-D7):
+Rows and sets (all from the batch, never from hard-coded positions as in the original code):
 - CE: next-token cross-entropy of the student, hidden[:, :-1] predicting labels[:, 1:], mean over targets != -100,
   chunked over rows (the [N, V] logits are never built).
 - Logit KD: the same supervised shifted rows, KL(p_t || p_s) ("forward") or KL(p_s || p_t) ("reverse"), fp32 softmax,

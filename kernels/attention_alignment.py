@@ -1,6 +1,6 @@
 """Fused Triton attention alignment (Align-KD L_attn) and text focus that never build attention maps.
 
-Semantics: design.md section 4, identical to ``kernels.reference.attention_alignment_loss`` / ``text_focus``.
+Semantics: identical to ``kernels.reference.attention_alignment_loss`` / ``text_focus``.
 P = causal + key-padding-masked softmax with scale 1/sqrt(D); E = {(b,i,j): text i, vision j, j < i};
 L = mean over E x Hs of (sum_ht W[hs,ht] P_t[ht,i,j] + b[hs] - P_s[hs,i,j])^2;
 F[b,j] = (1/Ht) sum_ht sum_{i:(b,i,j) in E} P_t[ht,i,j].
@@ -456,7 +456,7 @@ def _attention_alignment(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bia
 
 
 def text_focus_triton(q_t, k_t, text_mask, vision_mask, attention_mask=None, teacher_lse=None):
-    """Text focus F [B, L] fp32 (design.md section 4) from the teacher's layer-0 q/k, without the attention map."""
+    """Text focus F [B, L] fp32 from the teacher's layer-0 q/k, without the attention map."""
     return attention_alignment_triton(q_t, k_t, None, None, text_mask, vision_mask, None, None, attention_mask,
                                       need_focus=True, need_loss=False, teacher_lse=teacher_lse)[1]
 

@@ -1,4 +1,4 @@
-"""Align-KD losses in plain PyTorch: the readable specification (design.md section 4).
+"""Align-KD losses in plain PyTorch: the readable specification.
 
 Every fast path (the Triton kernels, the chunked logit-KD) is tested against these functions, and these functions are
 tested against naive fully materialized computations (tests/test_reference.py). Inputs may be bf16/fp16; all math is

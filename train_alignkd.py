@@ -14,6 +14,7 @@ without the teacher.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from data import SUBSETS, Collator, DataFileError, LLaVADataset, load_tokenizer, resolve_subset
 from data.dataset import IMAGE_MODES
 from data.templates import TEMPLATES
+from data.workers import ignore_stop_signals, iterate as iterate_loader
 from data.tokenizer import tokenizer_fingerprint
 from evaluation.heldout import HeldOut
 from kernels.alignkd_loss import ATTN_FORMS, PROJ_SIDES, AlignKDLoss, KDBatch, KDSide
@@ -625,15 +627,17 @@ def main(argv: list[str] | None = None) -> dict:
                          (dataset, Collator(tokenizer.pad_token_id)))
         while True:
             sampler = EpochSampler(len(dataset), args.seed, epoch, offset)
+            # workers ignore SIGINT/SIGTERM: a stop sent to the process group is this process's to handle
             loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler,
-                                                 collate_fn=collate,
-                                                 num_workers=args.num_workers, persistent_workers=False)
+                                                 collate_fn=collate, num_workers=args.num_workers,
+                                                 persistent_workers=False, worker_init_fn=ignore_stop_signals)
             whole_pass, usable, pass_skips = offset == 0, False, Counter()
-            for batch in loader:
-                offset += args.batch_size
-                usable = usable or "input_ids" in batch
-                pass_skips.update(batch["skipped"])
-                yield batch
+            with contextlib.closing(iterate_loader(loader)) as loader_batches:  # closing this closes the workers
+                for batch in loader_batches:
+                    offset += args.batch_size
+                    usable = usable or "input_ids" in batch
+                    pass_skips.update(batch["skipped"])
+                    yield batch
             if whole_pass and not usable:  # another epoch would yield nothing either
                 why = (", ".join(f"{k} {v}" for k, v in sorted(pass_skips.items())) if pass_skips else
                        "none; the file holds no records")
@@ -678,8 +682,9 @@ def main(argv: list[str] | None = None) -> dict:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
     student_params = [p for g in groups[:2] for p in g["params"]]
-    # log lines above the bar, not inside it; the bar is closed before an error line is printed
-    with pbar, StopRequest() as stop_request, logging_redirect_tqdm():
+    # log lines above the bar, not inside it; the bar is closed before an error line is printed. The data stream is
+    # closed on the way out, however the loop ends: that shuts its DataLoader workers down (data/workers.py)
+    with pbar, contextlib.closing(stream), StopRequest() as stop_request, logging_redirect_tqdm():
         while step < total:
             sums = Counter()
             probe = {} if step + 1 in args.probe_steps else None

@@ -59,6 +59,7 @@ tensor without loading the shard), so the trainer's random order costs nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -72,6 +73,7 @@ from tqdm import tqdm
 
 from data.constants import IGNORE_INDEX, NUM_IMAGE_TOKENS
 from data.dataset import Collator
+from data.workers import ignore_stop_signals, iterate as iterate_loader
 from kernels import attention_row_lse
 
 log = logging.getLogger("alignkd")
@@ -365,11 +367,13 @@ def build_cache(folder: str | Path, teacher, dataset, manifest: dict[str, Any], 
         log.info(f"teacher cache {folder}: {len(indices):,} of {n:,} samples to compute ({len(todo)} shards)")
         loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_size=batch_size, sampler=indices,
                                              collate_fn=IndexedCollator(pad_id), num_workers=num_workers,
-                                             generator=torch.Generator().manual_seed(0))
+                                             generator=torch.Generator().manual_seed(0),
+                                             worker_init_fn=ignore_stop_signals)  # see data/workers.py
         pending: dict[int, dict[int, dict]] = {}
         dtype = teacher.lm_head.weight.dtype
-        with tqdm(total=n, initial=n - len(indices), desc="teacher cache", dynamic_ncols=True) as pbar:
-            for batch in loader:
+        with tqdm(total=n, initial=n - len(indices), desc="teacher cache", dynamic_ncols=True) as pbar, \
+                contextlib.closing(iterate_loader(loader)) as batches:  # closed: its workers end with it
+            for batch in batches:
                 for i, reason in batch["skipped_index"].items():
                     pending.setdefault(i // size, {})[i] = {"meta": {"skip": reason}}
                 if "input_ids" in batch:

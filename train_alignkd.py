@@ -221,7 +221,8 @@ def save_checkpoint(out: Path, step: int, student: MobileVLM, loss_fn: AlignKDLo
     tmp = out / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     lora = is_lora(student)
-    student.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=merged_state_dict(student) if lora else None)
+    student.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=merged_state_dict(student) if lora else None,
+                            final_path=final)  # config.json names final/vision_tower, where it will be
     if lora:  # the merged weights serve evaluation; resuming needs the adapters on top of the base model
         torch.save(trainable_state_dict(student), tmp / "lora_trainable.pt")
     if masters is not None:  # the bf16 weights are rounded: exact resume needs the fp32 copies

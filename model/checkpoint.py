@@ -17,6 +17,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .config import MobileVLMConfig
+from .vision import CHECKPOINT_CLIP_FOLDER, is_official_clip
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")  # non-persistent buffers some versions saved
@@ -137,14 +138,24 @@ def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_mobilevlm(model: nn.Module, path: str | Path, safetensors: bool = False,
-                   tokenizer_dir: str | Path | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                   tokenizer_dir: str | Path | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+                   final_path: str | Path | None = None) -> None:
     """Write config.json + weights in the official layout (pytorch_model.bin by default, sharded above 10 GB).
-    `state_dict` replaces the model's own (e.g. LoRA weights merged on the fly)."""
+    `state_dict` replaces the model's own (e.g. LoRA weights merged on the fly).
+
+    As the original code loads a checkpoint: a CLIP other than clip-vit-large-patch14-336 is also written as a
+    CLIPVisionModel folder `vision_tower/` (config, weights, image processor config), and config.json's
+    mm_vision_tower is that folder's absolute path (`final_path`: where `path` will be renamed to, if it will); a
+    tokenizer.model copied from `tokenizer_dir` gets a tokenizer_config.json and special_tokens_map.json (slow
+    legacy LlamaTokenizer, pad = <unk>) unless that folder has its own."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     config = dict(model.config.to_dict())
     dtype = model.lm_head.weight.dtype
     config["torch_dtype"] = str(dtype).replace("torch.", "")
+    own_clip = not is_official_clip(config.get("mm_vision_tower"))
+    if own_clip:  # the original resolves a relative path against its working directory: write an absolute one
+        config["mm_vision_tower"] = str(Path(final_path or folder).resolve() / CHECKPOINT_CLIP_FOLDER)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     nested = _clip_nested(model)
     own = state_dict if state_dict is not None else model.state_dict()
@@ -175,11 +186,57 @@ def save_mobilevlm(model: nn.Module, path: str | Path, safetensors: bool = False
         total = sum(v.numel() * v.element_size() for v in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / f"{base}.{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if own_clip:
+        vision = {k[len(VISION_PREFIX):]: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
+        save_clip_folder(folder / CHECKPOINT_CLIP_FOLDER, model.model.vision_tower.vision_tower.config, vision)
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.exists() and src.resolve() != (folder / name).resolve():
                 shutil.copyfile(src, folder / name)
+        if (Path(tokenizer_dir) / "tokenizer.model").exists():
+            max_len = int(config.get("max_sequence_length") or config.get("max_position_embeddings") or 2048)
+            for name, content in (("tokenizer_config.json", llama_tokenizer_config(max_len)),
+                                  ("special_tokens_map.json", SPECIAL_TOKENS_MAP)):
+                if not (Path(tokenizer_dir) / name).exists():
+                    (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+
+
+# what the slow LlamaTokenizer of transformers 4.33 (MobileVLM's) needs beside tokenizer.model; "legacy": true is
+# the behaviour MobileVLM trained with and data/tokenizer.py implements (the text after "</s>" gets its own "▁")
+SPECIAL_TOKENS_MAP = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}
+
+
+def llama_tokenizer_config(model_max_length: int) -> dict:
+    return {"tokenizer_class": "LlamaTokenizer", **SPECIAL_TOKENS_MAP, "add_bos_token": True, "add_eos_token": False,
+            "legacy": True, "clean_up_tokenization_spaces": False, "model_max_length": model_max_length,
+            "padding_side": "right", "sp_model_kwargs": {}}
+
+
+def save_clip_folder(folder: Path, config, vision_state: dict[str, torch.Tensor]) -> None:
+    """A CLIPVisionModel folder as transformers writes one: config.json, model.safetensors (keys `vision_model.*`,
+    the layout of the openai CLIP folders, which transformers 4.x and 5.x both load) and the CLIPImageProcessor
+    config that data/images.py implements."""
+    from safetensors.torch import save_file
+
+    from data.images import CLIP_MEAN, CLIP_STD
+
+    if not vision_state:
+        raise ValueError("no vision tower weights to write")
+    folder.mkdir(parents=True, exist_ok=True)
+    fields = {k: v for k, v in config.to_diff_dict().items() if k not in ("transformers_version", "dtype",
+                                                                          "torch_dtype", "architectures")}
+    fields.update(architectures=["CLIPVisionModel"], model_type="clip_vision_model")
+    (folder / "config.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    size = int(config.image_size)
+    processor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+                 "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
+                 "image_std": list(CLIP_STD), "do_convert_rgb": True}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    tmp = folder / "model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in vision_state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
 
 
 _CLIP_TOP = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")

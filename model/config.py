@@ -60,7 +60,9 @@ class MobileVLMConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "MobileVLMConfig":
-        return cls(**json.loads(Path(path).read_text()))
+        config = cls(**json.loads(Path(path).read_text()))
+        config.__dict__["checkpoint_dir"] = Path(path).parent  # where its own vision_tower/ folder would be
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.fields)
@@ -82,7 +84,8 @@ class MobileVLMConfig:
         return cfg
 
     def vision_config(self, override_dir: str | Path | None = None) -> CLIPVisionConfig:
-        return resolve_vision_config(self.fields.get("mm_vision_tower"), override_dir, self.fields.get("mm_vision_config"))
+        return resolve_vision_config(self.fields.get("mm_vision_tower"), override_dir,
+                                     self.fields.get("mm_vision_config"), self.__dict__.get("checkpoint_dir"))
 
 
 def tiny_config(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, vocab_size: int = 512,

@@ -20,23 +20,42 @@ def clip_vit_l14_336_config() -> CLIPVisionConfig:
     )
 
 
+CHECKPOINT_CLIP_FOLDER = "vision_tower"  # a checkpoint's own CLIP folder (model/checkpoint.py writes it)
+_CONFIG_METADATA = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype")
+
+
+def is_official_clip(mm_vision_tower: str | None) -> bool:
+    """Whether a config's mm_vision_tower names clip-vit-large-patch14-336 (the hub id or a local folder so named)."""
+    return mm_vision_tower is not None and str(mm_vision_tower).rstrip("/").endswith(OFFICIAL_CLIP_336.split("/")[1])
+
+
+def read_clip_config(folder: str | Path) -> CLIPVisionConfig:
+    """The vision config of a CLIP folder (CLIPVisionModel or CLIPModel); file metadata (architectures, versions,
+    dtype) is dropped, so the same tower gives the same config from any folder or an inline dict."""
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"vision tower folder {folder} has no config.json (a CLIP ViT folder is expected)")
+    raw = json.loads(cfg_file.read_text())
+    raw = raw.get("vision_config", raw)  # a full CLIPModel config nests the vision part
+    return CLIPVisionConfig(**{k: v for k, v in raw.items() if not k.startswith("_") and k not in _CONFIG_METADATA})
+
+
 def resolve_vision_config(mm_vision_tower: str | None, override_dir: str | Path | None = None,
-                          inline: dict | None = None) -> CLIPVisionConfig:
-    """Find the CLIP config without the network: --vision-tower DIR, an inline dict, a local folder, or the known id."""
-    for candidate in (override_dir, mm_vision_tower):
-        if candidate is not None and Path(candidate).is_dir():
-            cfg_file = Path(candidate) / "config.json"
-            if not cfg_file.exists():
-                raise FileNotFoundError(f"vision tower folder {candidate} has no config.json (a CLIP ViT folder is expected)")
-            raw = json.loads(cfg_file.read_text())
-            raw = raw.get("vision_config", raw)  # a full CLIPModel config nests the vision part
-            raw.pop("model_type", None)
-            return CLIPVisionConfig(**{k: v for k, v in raw.items() if not k.startswith("_")})
-        if candidate is not None and candidate is override_dir:
-            raise FileNotFoundError(f"--vision-tower {candidate} is not a folder")
+                          inline: dict | None = None, checkpoint_dir: str | Path | None = None) -> CLIPVisionConfig:
+    """Find the CLIP config without the network, first found: --vision-tower DIR; the checkpoint's own
+    `vision_tower/` folder; mm_vision_tower as a local folder; the inline dict of older tiny checkpoints
+    (mm_vision_config); the official id's built-in config."""
+    if override_dir is not None:
+        if not Path(override_dir).is_dir():
+            raise FileNotFoundError(f"--vision-tower {override_dir} is not a folder")
+        return read_clip_config(override_dir)
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_CLIP_FOLDER / "config.json").is_file():
+        return read_clip_config(Path(checkpoint_dir) / CHECKPOINT_CLIP_FOLDER)
+    if mm_vision_tower is not None and Path(mm_vision_tower).is_dir():
+        return read_clip_config(mm_vision_tower)
     if inline is not None:
         return CLIPVisionConfig(**inline)
-    if mm_vision_tower is not None and mm_vision_tower.rstrip("/").endswith(OFFICIAL_CLIP_336.split("/")[1]):
+    if is_official_clip(mm_vision_tower):
         return clip_vit_l14_336_config()
     raise FileNotFoundError(
         f"mm_vision_tower {mm_vision_tower!r} is neither a local CLIP folder nor {OFFICIAL_CLIP_336!r}; "

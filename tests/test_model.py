@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -211,6 +212,7 @@ def test_missing_folder_and_unknown_vision_tower(tmp_path, tiny):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         MobileVLM.from_pretrained(tmp_path / "nope")
     tiny.save_pretrained(tmp_path)
+    shutil.rmtree(tmp_path / "vision_tower")  # a checkpoint without its own CLIP folder
     cfg = json.loads((tmp_path / "config.json").read_text())
     del cfg["mm_vision_config"]
     cfg["mm_vision_tower"] = "some/unknown-tower"

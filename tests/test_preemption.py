@@ -61,6 +61,7 @@ def test_signal_to_the_process_group_with_workers_saves_once_and_resumes(tmp_pat
     n = _steps(out)[-1]
     assert _steps(out) == list(range(1, n + 1)) and n < STEPS, output[-3000:]
     assert f"stopped at step {n} ({signal.Signals(signum).name})" in output
+    assert "vision towers are identical" in output  # student and teacher read their CLIP from their own folders
     # exactly one checkpoint, complete and loadable; nothing half-written
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [f"checkpoint-{n}"]
     assert (out / "latest").read_text().strip() == f"checkpoint-{n}"
@@ -69,6 +70,8 @@ def test_signal_to_the_process_group_with_workers_saves_once_and_resumes(tmp_pat
     for name in ("alignkd_adapters.pt", "trainer_state.pt"):
         torch.load(ckpt / name, weights_only=True)
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == n
+    # its CLIP folder is named where the checkpoint ended up, not where it was written before the rename
+    assert json.loads((ckpt / "config.json").read_text())["mm_vision_tower"] == str(ckpt.resolve() / "vision_tower")
     # no worker outlives the run
     deadline = time.time() + 15
     while _group_alive(pgid):

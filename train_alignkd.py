@@ -37,8 +37,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from data import SUBSETS, Collator, DataFileError, LLaVADataset, load_tokenizer, resolve_subset
 from data.dataset import IMAGE_MODES
 from data.templates import TEMPLATES
-from data.workers import ignore_stop_signals, iterate as iterate_loader
 from data.tokenizer import tokenizer_fingerprint
+from data.workers import ignore_stop_signals, iterate as iterate_loader
 from evaluation.heldout import HeldOut
 from kernels.alignkd_loss import ATTN_FORMS, PROJ_SIDES, AlignKDLoss, KDBatch, KDSide
 from model import MobileVLM
@@ -435,7 +435,9 @@ def probe_term_grads(student: MobileVLM, teacher: MobileVLM | None, loss_fn: Ali
 
 class StopRequest:
     """SIGINT/SIGTERM while training: the first asks the loop to save and stop after the current optimizer step (a
-    step of many accumulated micro-batches is not thrown away); a second one raises KeyboardInterrupt at once."""
+    step of many accumulated micro-batches is not thrown away); a second one raises KeyboardInterrupt at once. The
+    DataLoader workers ignore both (data/workers.py), so a signal sent to the whole process group (Slurm, `timeout`,
+    Ctrl-C) is handled here alone."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -312,6 +312,18 @@ def clear_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def remove_unfinished_saves(out: Path) -> list[str]:
+    """On resume: delete what a save killed midway left (a temporary checkpoint folder, `latest.tmp`); `latest` never
+    points to them. Returns their names."""
+    found = sorted(p.name for p in out.glob(".tmp-checkpoint-*") if p.is_dir())
+    for name in found:
+        shutil.rmtree(out / name, ignore_errors=True)
+    if (out / "latest.tmp").exists():
+        (out / "latest.tmp").unlink()
+        found.append("latest.tmp")
+    return found
+
+
 def trim_log(path: Path, step: int) -> int:
     """On resume from checkpoint-STEP: keep one record per step up to STEP (a step-0 evaluation included), drop the
     records a stopped run wrote after its last checkpoint (and a line cut short); rewritten atomically. Returns the
@@ -619,6 +631,9 @@ def main(argv: list[str] | None = None) -> dict:
         dropped = trim_log(out / "log.jsonl", step)
         if dropped:
             log.info(f"log.jsonl: {dropped} records after step {step} (written after the last checkpoint) removed")
+        unfinished = remove_unfinished_saves(out)
+        if unfinished:
+            log.info(f"removed {', '.join(unfinished)}: a save that was killed before it completed")
         log.info(f"resumed from {ckpt} at step {step} (epoch {epoch}, sample {offset})")
     elif args.overwrite:
         clear_run(out)

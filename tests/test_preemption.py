@@ -122,3 +122,17 @@ def test_a_second_signal_to_the_group_aborts_at_once_and_no_worker_is_left(tmp_p
     while _group_alive(pgid):
         assert time.time() < deadline, "a DataLoader worker outlived the run"
         time.sleep(0.1)
+
+
+def test_resume_removes_what_a_killed_save_left(tmp_path):
+    """A save killed midway leaves its temporary folder (and maybe latest.tmp); `latest` never points there, and
+    --resume deletes them."""
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), *tiny_args(out, 4), "--num-workers", "0"]
+    train_alignkd.main([*argv, "--stop-after", "1"])
+    (out / ".tmp-checkpoint-3").mkdir()
+    (out / ".tmp-checkpoint-3" / "pytorch_model.bin.tmp").write_bytes(b"cut sh")
+    (out / "latest.tmp").write_text("checkpoint-3\n")
+    assert train_alignkd.main([*argv, "--resume", "--stop-after", "1"])["history"][0]["step"] == 2
+    assert not (out / ".tmp-checkpoint-3").exists() and not (out / "latest.tmp").exists()
+    assert (out / "latest").read_text().strip() == "checkpoint-2"

@@ -5,11 +5,10 @@ workers included. A worker killed by SIGTERM/SIGINT makes the main process raise
 signal" before its own handler can save a checkpoint. So workers ignore both signals (`ignore_stop_signals`, their
 `worker_init_fn`) and the main process alone decides what a stop means. `iterate` starts the workers with both
 signals blocked, so that one arriving while a worker is being forked and has not yet run its init function stays
-pending: the worker discards it, the main process receives it when the workers are up; and shuts them down as
-soon as the iteration ends. (That inheritance of the
-blocked mask holds for the `fork` start method, Linux's default up to Python 3.13; with `spawn`/`forkserver` a
-worker is protected from the moment its init function runs.) A worker still ends with its parent: torch's workers
-exit when the main process is gone, and SIGKILL cannot be ignored.
+pending (the worker discards it, the main process receives it when the workers are up), and shuts them down as
+soon as the iteration ends. (The blocked mask is inherited with the `fork` start method, Linux's default up to
+Python 3.13; with `spawn`/`forkserver` a worker is protected from the moment its init function runs.) A worker
+still ends with its parent: torch's workers exit when the main process is gone, and SIGKILL cannot be ignored.
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """The demo (`python train_alignkd.py` with no arguments): distill a trained teacher in the shapes world.
 
-1. The world (data/world.py): a tokenizer, 2,000 training images with three questions each, 300 held-out questions
-   on unseen scenes.
+1. The world (data/world.py): a tokenizer, 2,000 training images with eight questions each (and a caption), 300
+   held-out questions on unseen scenes.
 2. The teacher, made once and kept under OUTPUT_DIR/demo_assets/teacher: its CLIP is first trained to name the
-   shape and colour in each cell of the 3 x 3 grid (so vision features carry colour, shape and position; the
-   MobileVLM models' CLIP was trained elsewhere too), then frozen; the teacher's LDPv2 projector and LLaMA are trained
-   on the questions with CE by this project's own trainer (--no-distill).
+   object (shape and colour, or none) in each image token and the token's grid cell (so vision features carry colour,
+   shape and position; the MobileVLM models' CLIP was trained elsewhere too), then frozen; the teacher's LDPv2
+   projector and LLaMA are trained with CE by this project's own trainer (--no-distill), on the captions and then on
+   the questions.
 3. A smaller student with the teacher's frozen CLIP (as MobileVLM V2-1.7B and -7B share one CLIP) and a fresh
    projector and LLaMA, trained twice from the same initialization, data order and budget: Align-KD from the teacher,
    and CE only (--no-distill). Held-out accuracy and answer CE before and after are printed side by side.
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import get_cosine_schedule_with_warmup
 
 from data import load_tokenizer
 from data.images import process_image
-from data.world import COLOURS, SHAPES, _scene, draw, make_world, make_world_tokenizer
+from data.world import COLOURS, SHAPES, _scene, draw, make_world, make_world_tokenizer, object_tokens
 from evaluation.heldout import HeldOut
 from model import MobileVLM
 
@@ -35,24 +37,33 @@ STUDENT = dict(hidden_size=64, num_heads=2, num_layers=2)
 VISION = dict(vision_hidden=64, vision_layers=2)
 WORLD = (2000, 300)  # training images, held-out questions
 # (steps, batch, lr) of each stage
-VISION_STAGE = (300, 32, 3e-3)
-TEACHER_STAGE = (1500, 16, 2e-3)
+VISION_STAGE = (400, 32, 3e-3)
+CAPTION_STAGE = (600, 16, 2e-3)
+TEACHER_STAGE = (1000, 16, 2e-3)
 STUDENT_STAGE = (150, 8, 3e-3)
 DEMO_DISTILL_FLAGS: list[str] = []  # the trainer's defaults (logit KD + attention KL at weight 0.1)
 
 
-def cell_labels(scene: list[dict]) -> list[int]:
-    """Per grid cell: 0 for empty, else 1 + colour * 3 + shape."""
-    labels = [0] * 9
+def token_labels(scene: list[dict]) -> list[int]:
+    """Per image token (12 x 12, raster order): 0 where there is no object, else 1 + colour * 3 + shape."""
+    labels = [0] * 144
     for o in scene:
-        labels[o["cell"]] = 1 + list(COLOURS).index(o["colour"]) * len(SHAPES) + SHAPES.index(o["shape"])
+        for t in object_tokens(o):
+            labels[t] = 1 + list(COLOURS).index(o["colour"]) * len(SHAPES) + SHAPES.index(o["shape"])
     return labels
 
 
+def _tokens(tower, scenes: list[list[dict]]) -> torch.Tensor:
+    """The CLIP's features pooled 2 x 2, as LDPv2 pools them: [B, 144, C], one per image token."""
+    f = tower(torch.stack([process_image(draw(s), "pad") for s in scenes]))  # [B, 576, C]: a 24 x 24 patch grid
+    b, _, c = f.shape
+    return f.view(b, 12, 2, 12, 2, c).mean((2, 4)).reshape(b, 144, c)
+
+
 def train_vision_tower(model: MobileVLM, steps: int, batch: int, lr: float, seed: int = 0) -> float:
-    """Train the CLIP so that every one of the 144 image tokens' worth of patches (2 x 2, as LDPv2 pools them) tells
-    the shape and colour in its grid cell and which cell that is (two linear heads), on fresh scenes; returns the
-    last batch's accuracy of both. The CLIP is frozen again afterwards."""
+    """Train the CLIP so that every image token tells the object it holds (shape and colour, or none) and which grid
+    cell it lies in (two linear heads), on fresh scenes; returns the object accuracy on the object tokens of 64 new
+    scenes. The CLIP is frozen again afterwards."""
     tower = model.vision_tower
     tower.set_trainable(True)
     tower.train()
@@ -61,27 +72,27 @@ def train_vision_tower(model: MobileVLM, steps: int, batch: int, lr: float, seed
     head = torch.nn.Linear(tower.hidden_size, 1 + len(COLOURS) * len(SHAPES))
     where = torch.nn.Linear(tower.hidden_size, 9)
     opt = torch.optim.AdamW([*tower.parameters(), *head.parameters(), *where.parameters()], lr=lr)
+    schedule = get_cosine_schedule_with_warmup(opt, steps // 10, steps)
     rng = random.Random(seed)
     token_cell = (torch.arange(12)[:, None] // 4 * 3 + torch.arange(12)[None, :] // 4).flatten()  # [144]
-    acc = 0.0
     for _ in range(steps):
         scenes = [_scene(rng) for _ in range(batch)]
-        images = torch.stack([process_image(draw(s), "pad") for s in scenes])
-        labels = torch.tensor([cell_labels(s) for s in scenes])[:, token_cell]  # [B, 144]
-        f = tower(images)  # [B, 576, C]: a 24 x 24 patch grid
-        b, _, c = f.shape
-        tokens = f.view(b, 12, 2, 12, 2, c).mean((2, 4)).reshape(b, 144, c)
-        logits, cell_ids = head(tokens), where(tokens)
-        cell_target = token_cell.repeat(b)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + F.cross_entropy(cell_ids.flatten(0, 1),
-                                                                                           cell_target)
+        labels = torch.tensor([token_labels(s) for s in scenes]).flatten()
+        tokens = _tokens(tower, scenes).flatten(0, 1)
+        ce = F.cross_entropy(head(tokens), labels, reduction="none")
+        has_object = labels > 0  # ~12 tokens in 144: weighed as much as the empty ones, or they are never learned
+        loss = ce[has_object].mean() + ce[~has_object].mean() + F.cross_entropy(where(tokens), token_cell.repeat(batch))
         loss.backward()
         opt.step()
+        schedule.step()
         opt.zero_grad()
-        acc = float(((logits.argmax(-1) == labels).flatten() & (cell_ids.argmax(-1).flatten() == cell_target))
-                    .float().mean())
     tower.set_trainable(False)
-    return acc
+    fresh = random.Random(seed + 1)
+    scenes = [_scene(fresh) for _ in range(64)]
+    with torch.no_grad():
+        labels = torch.tensor([token_labels(s) for s in scenes]).flatten()
+        predicted = head(_tokens(tower, scenes).flatten(0, 1)).argmax(-1)
+    return float((predicted == labels)[labels > 0].float().mean())
 
 
 def prepare_assets(root: Path) -> dict[str, Path]:
@@ -108,21 +119,29 @@ def train_teacher(root: Path, tok_dir: Path, world: Path, teacher_dir: Path) -> 
     vocab = load_tokenizer(tok_dir).vocab_size
     init = MobileVLM.tiny(seed=1, vocab_size=vocab, **TEACHER, **VISION)
     steps, batch, lr = VISION_STAGE
-    log.info(f"teacher, stage 1: training its CLIP to name each grid cell's shape and colour ({steps} steps)")
+    log.info(f"teacher, stage 1: training its CLIP to name the object in each image token ({steps} steps)")
     acc = train_vision_tower(init, steps, batch, lr)
-    log.info(f"teacher, stage 1: token accuracy (object and cell) {acc:.3f} on the last batch ({time.time() - t0:.0f} s)")
+    log.info(f"teacher, stage 1: object tokens of new scenes named right: {acc:.3f} ({time.time() - t0:.0f} s)")
     init.save_pretrained(root / "teacher_init", tokenizer_dir=tok_dir)
+    common = ["--image-folder", str(world), "--no-distill", "--max-len", "512", "--keep", "1", "--no-checkpointing",
+              "--seed", "1", "--num-workers", "1", "--overwrite"]
+    # Captions first: naming every object in turn is dense grounded supervision (after "red", "circle" is the shape
+    # of the red object), from which a model trained from scratch learns to look up image tokens; on the questions
+    # alone it stays at the answer priors.
+    steps, batch, lr = CAPTION_STAGE
+    log.info(f"teacher, stage 2: projector + LLaMA on the captions, CE only ({steps} steps of {batch})")
+    run = main(["--data", str(world / "train_plain.json"), "--template", "plain", "--student", str(root / "teacher_init"),
+                "--output-dir", str(root / "teacher_captions"), "--max-steps", str(steps), "--batch-size", str(batch),
+                "--lr", str(lr), "--save-every", str(steps), "--no-eval-at-start", *common])
     steps, batch, lr = TEACHER_STAGE
-    log.info(f"teacher, stage 2: projector + LLaMA on the questions, CE only ({steps} steps of {batch})")
-    run = main(["--data", str(world / "train_v1.json"), "--image-folder", str(world),
-                "--student", str(root / "teacher_init"), "--no-distill", "--output-dir", str(root / "teacher_run"),
-                "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--max-len", "512",
-                "--save-every", str(steps), "--keep", "1", "--no-checkpointing", "--seed", "1",
-                "--eval-data", str(world / "heldout_v1.json"), "--eval-every", "250", "--num-workers", "1",
-                "--overwrite"])
-    ckpt = Path(run["checkpoint"])
+    log.info(f"teacher, stage 3: projector + LLaMA on the questions, CE only ({steps} steps of {batch})")
+    run = main(["--data", str(world / "train_v1.json"), "--student", run["checkpoint"],
+                "--output-dir", str(root / "teacher_run"), "--max-steps", str(steps), "--batch-size", str(batch),
+                "--lr", str(lr), "--save-every", str(steps), "--eval-data", str(world / "heldout_v1.json"),
+                "--eval-every", "250", *common])
     (root / "teacher_run" / "heldout.json").write_text(json.dumps(run["evals"][-1]))
-    ckpt.rename(teacher_dir)
+    # written anew rather than moved: the checkpoint's config names its vision tower folder by absolute path
+    MobileVLM.from_pretrained(run["checkpoint"]).save_pretrained(teacher_dir, tokenizer_dir=tok_dir)
     log.info(f"teacher ready in {time.time() - t0:.0f} s: held-out exact match {run['evals'][-1]['eval_acc']:.3f}")
 
 

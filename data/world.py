@@ -2,8 +2,10 @@
 cross-modal alignment is worth distilling.
 
 A scene is 2-4 objects (a shape in a colour) in distinct cells of a 3 x 3 grid on a 336 x 336 image; a cell is
-112 px, 8 x 8 CLIP patches, 4 x 4 of the 144 image tokens. Every question names an object or a region, so the answer
-lives in a few image tokens that the text has to find:
+112 px, 8 x 8 CLIP patches, 4 x 4 of the 144 image tokens. An object (33-49 px across) sits on its cell's centre, which is
+the corner of four image tokens: each of the four sees one quarter of the shape (an arc, a right angle or a slope), so
+a small vision tower can tell the shape from one token, and the answer to a question lives in 4 image tokens out of
+144 that the text has to find:
 
     What colour is the triangle?             Red.          (a shape that occurs once)
     What shape is the blue object?           Square.       (a colour that occurs once)
@@ -37,6 +39,7 @@ NUMBERS = ("None", "One", "Two", "Three", "Four")
 QUESTION_KINDS = ("colour", "shape", "count", "where", "what_at", "left_of")
 BACKGROUND = (250, 250, 250)
 CELL = IMAGE_SIZE // 3
+TOKEN = IMAGE_SIZE // 12  # the square one image token covers after LDPv2's 2 x 2 pooling of 14 px patches
 
 
 def cell_name(cell: int) -> str:
@@ -57,8 +60,23 @@ def scene_key(scene: list[dict]) -> str:
 
 def _scene(rng: random.Random) -> list[dict]:
     cells = sorted(rng.sample(range(9), rng.randint(2, 4)))
+    # r + |offset| < TOKEN: the object stays inside the four tokens around the cell's centre
     return [{"cell": c, "shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)),
-             "dx": rng.randint(-8, 8), "dy": rng.randint(-8, 8), "r": rng.randint(30, 40)} for c in cells]
+             "dx": rng.randint(-2, 2), "dy": rng.randint(-2, 2), "r": rng.randint(16, 24)} for c in cells]
+
+
+def centre(o: dict) -> tuple[int, int]:
+    """The object's centre in pixels (x, y)."""
+    r, c = divmod(o["cell"], 3)
+    return c * CELL + CELL // 2 + o["dx"], r * CELL + CELL // 2 + o["dy"]
+
+
+def object_tokens(o: dict) -> list[int]:
+    """Indices, in raster order of the 12 x 12 image tokens, of the four tokens that hold the object."""
+    r, c = divmod(o["cell"], 3)
+    top, left = (r * CELL + CELL // 2) // TOKEN - 1, (c * CELL + CELL // 2) // TOKEN - 1
+    n = IMAGE_SIZE // TOKEN
+    return [(top + i) * n + left + j for i in (0, 1) for j in (0, 1)]
 
 
 def _phrase(o: dict) -> str:
@@ -105,8 +123,7 @@ def draw(scene: list[dict]) -> Image.Image:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     d = ImageDraw.Draw(img)
     for o in scene:
-        r, c = divmod(o["cell"], 3)
-        cx, cy, rad = c * CELL + CELL // 2 + o["dx"], r * CELL + CELL // 2 + o["dy"], o["r"]
+        (cx, cy), rad = centre(o), o["r"]
         fill = COLOURS[o["colour"]]
         if o["shape"] == "circle":
             d.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], fill=fill)

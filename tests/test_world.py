@@ -23,7 +23,7 @@ def _cells_from_pixels(path) -> dict[int, str]:
         r, c = divmod(cell, 3)
         block = img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL].reshape(-1, 3)
         for name, rgb in COLOURS.items():
-            if (np.abs(block - np.array(rgb)).sum(1) < 10).sum() > 500:
+            if (np.abs(block - np.array(rgb)).sum(1) < 10).sum() > 100:
                 found[cell] = name
     return found
 
@@ -90,3 +90,22 @@ def test_world_records_are_short_training_samples(tmp_path):
     assert len(ids) < 150  # eight rounds: the template and the world's words are whole pieces
     ds = LLaVADataset(paths["heldout_v1"], tmp_path / "w", tok, "v1", "pad", 512)
     assert all("skip" not in ds[i] for i in range(len(ds)))
+
+
+def test_each_object_lies_in_its_four_image_tokens():
+    """The four image tokens (28 px squares of the 12 x 12 grid) around the cell's centre hold the whole object, and
+    each holds part of it: read from the pixels."""
+    import random
+
+    from data.world import TOKEN, _scene, draw, object_tokens
+
+    rng = random.Random(7)
+    for _ in range(40):
+        scene = _scene(rng)
+        img = np.asarray(draw(scene)).astype(int)
+        for o in scene:
+            ys, xs = np.nonzero(np.abs(img - np.array(COLOURS[o["colour"]])).sum(-1) < 10)
+            r, c = divmod(o["cell"], 3)
+            inside = (ys // CELL == r) & (xs // CELL == c)  # this object's pixels (one object per cell)
+            tokens = {int(y) // TOKEN * 12 + int(x) // TOKEN for y, x in zip(ys[inside], xs[inside])}
+            assert tokens == set(object_tokens(o))

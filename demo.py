@@ -8,8 +8,9 @@
    projector and LLaMA are trained with CE by this project's own trainer (--no-distill), on the captions and then on
    the questions.
 3. A smaller student with the teacher's frozen CLIP (as MobileVLM V2-1.7B and -7B share one CLIP) and a fresh
-   projector and LLaMA, trained twice from the same initialization, data order and budget: Align-KD from the teacher,
-   and CE only (--no-distill). Held-out accuracy and answer CE before and after are printed side by side.
+   projector and LLaMA, pre-trained on the captions (as the MobileVLM student is pre-trained before Align-KD), then
+   fine-tuned on the questions twice from that initialization, with one data order and budget: Align-KD from the
+   teacher, and CE only (--no-distill). Held-out accuracy and answer CE before and after are printed side by side.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ WORLD = (2000, 300)  # training images, held-out questions
 VISION_STAGE = (400, 32, 3e-3)
 CAPTION_STAGE = (600, 16, 2e-3)
 TEACHER_STAGE = (1000, 16, 2e-3)
+STUDENT_CAPTION_STAGE = (300, 16, 3e-3)  # before either arm
 STUDENT_STAGE = (150, 8, 3e-3)
 DEMO_DISTILL_FLAGS: list[str] = []  # the trainer's defaults (logit KD + attention KL at weight 0.1)
 
@@ -145,13 +147,26 @@ def train_teacher(root: Path, tok_dir: Path, world: Path, teacher_dir: Path) -> 
     log.info(f"teacher ready in {time.time() - t0:.0f} s: held-out exact match {run['evals'][-1]['eval_acc']:.3f}")
 
 
-def make_student(path: Path, tok_dir: Path, teacher_dir: Path, seed: int) -> Path:
-    """A fresh student (STUDENT sizes, seeded) carrying the teacher's frozen CLIP; written once per seed."""
+def make_student(path: Path, assets: dict[str, Path], seed: int) -> Path:
+    """A student (STUDENT sizes, seeded) carrying the teacher's frozen CLIP, with a fresh projector and LLaMA
+    pre-trained on the captions with CE (as MobileVLM V2-1.7B is pre-trained before Align-KD fine-tunes it); written
+    once per seed."""
+    from train_alignkd import main
+
     if not (path / "config.json").exists():
-        student = MobileVLM.tiny(seed=seed, vocab_size=load_tokenizer(tok_dir).vocab_size, **STUDENT, **VISION)
-        teacher = MobileVLM.from_pretrained(teacher_dir)
+        student = MobileVLM.tiny(seed=seed, vocab_size=load_tokenizer(assets["tokenizer"]).vocab_size, **STUDENT,
+                                 **VISION)
+        teacher = MobileVLM.from_pretrained(assets["teacher"])
         student.vision_tower.load_state_dict(teacher.vision_tower.state_dict())
-        student.save_pretrained(path, tokenizer_dir=tok_dir)
+        fresh = path.with_name(path.name + "_fresh")
+        student.save_pretrained(fresh, tokenizer_dir=assets["tokenizer"])
+        steps, batch, lr = STUDENT_CAPTION_STAGE
+        run = main(["--data", str(assets["world"] / "train_plain.json"), "--image-folder", str(assets["world"]),
+                    "--template", "plain", "--student", str(fresh), "--no-distill", "--output-dir",
+                    str(path.with_name(path.name + "_captions")), "--max-steps", str(steps), "--batch-size",
+                    str(batch), "--lr", str(lr), "--max-len", "512", "--save-every", str(steps), "--keep", "1",
+                    "--no-checkpointing", "--seed", str(seed), "--num-workers", "1", "--overwrite"])
+        MobileVLM.from_pretrained(run["checkpoint"]).save_pretrained(path, tokenizer_dir=assets["tokenizer"])
     return path
 
 
@@ -175,7 +190,7 @@ def run_demo(output_dir: str = "runs/alignkd", steps: int | None = None) -> dict
     t0 = time.time()
     assets = prepare_assets(out / "demo_assets")
     teacher_eval = json.loads((out / "demo_assets" / "teacher_run" / "heldout.json").read_text())
-    student = make_student(out / "demo_assets" / "student_init", assets["tokenizer"], assets["teacher"], seed=2)
+    student = make_student(out / "demo_assets" / "student_init", assets, seed=2)
     n, batch, lr = STUDENT_STAGE
     n = steps or n
     for run in ("distill", "ce_only"):  # the demo's runs start afresh each time
@@ -186,7 +201,7 @@ def run_demo(output_dir: str = "runs/alignkd", steps: int | None = None) -> dict
     baseline = main(student_argv(assets, student, out / "ce_only", 0, n, batch, lr) + ["--no-distill"])
     t3 = time.time()
     before, after, ce_only = distilled["evals"][0], distilled["evals"][-1], baseline["evals"][-1]
-    rows = [("teacher", teacher_eval), ("student before training", before),
+    rows = [("teacher", teacher_eval), ("student before (captions only)", before),
             (f"student, CE only, {n} steps", ce_only), (f"student, Align-KD, {n} steps", after)]
     print(f"\nheld-out questions on unseen scenes ({after['eval_n']}): exact match and answer CE (nats/token)")
     for name, r in rows:

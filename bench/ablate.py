@@ -58,7 +58,7 @@ BASELINE = "logit"
 
 def run_arm(assets: dict, out: Path, arm: str, seed: int, steps: int, batch: int, lr: float, eval_limit: int | None,
             probe: str) -> dict:
-    student = demo.make_student(out / f"student_init_seed{seed}", assets["tokenizer"], assets["teacher"], seed=100 + seed)
+    student = demo.make_student(out / f"student_init_seed{seed}", assets, seed=100 + seed)
     run_dir = out / "runs" / f"{arm}_seed{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists():  # an interrupted ablation resumes arm by arm

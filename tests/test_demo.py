@@ -12,11 +12,12 @@ def test_shortened_demo_trains_a_cached_teacher_and_reports_before_and_after(tmp
     monkeypatch.setattr(demo, "VISION_STAGE", (4, 4, 3e-3))
     monkeypatch.setattr(demo, "CAPTION_STAGE", (3, 4, 2e-3))
     monkeypatch.setattr(demo, "TEACHER_STAGE", (4, 4, 2e-3))
+    monkeypatch.setattr(demo, "STUDENT_CAPTION_STAGE", (2, 4, 3e-3))
     monkeypatch.setattr(demo, "STUDENT_STAGE", (3, 4, 3e-3))
     out = tmp_path / "run"
     result = demo.run_demo(str(out))
     printed = capsys.readouterr().out
-    for line in ("teacher", "student before training", "student, CE only, 3 steps", "student, Align-KD, 3 steps"):
+    for line in ("teacher", "student before (captions only)", "student, CE only, 3 steps", "student, Align-KD, 3 steps"):
         assert line in printed
     distill, ce_only = result["distill"], result["ce_only"]
     assert [e["step"] for e in distill["evals"]] == [0, 3] and [e["step"] for e in ce_only["evals"]] == [0, 3]

@@ -49,7 +49,8 @@ EXPECTED_EXITS = {-signal.SIGKILL, 128 + signal.SIGTERM}
 
 
 def make_assets(root: Path) -> Path:
-    """Synthetic records, a demo tokenizer and a tiny teacher/student sharing one CLIP (as tests/tiny_run.py)."""
+    """Synthetic records, a demo tokenizer and a tiny teacher/student sharing one frozen CLIP, made once under
+    `root` (the tests' small runs use them too)."""
     tok_dir = root / "tokenizer"
     if not (tok_dir / "tokenizer.model").exists():
         make_demo_tokenizer(tok_dir)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from data import SUBSETS, Collator, DataFileError, LLaVADataset, load_tokenizer, resolve_subset
 from data.dataset import IMAGE_MODES
@@ -381,14 +382,6 @@ def make_optimizer(groups: list[dict], args: argparse.Namespace, device: torch.d
     return torch.optim.AdamW(groups, **kw)
 
 
-def lr_lambda(total: int, warmup: int):
-    def f(step: int) -> float:  # linear warmup, then cosine to 0 (HF's cosine schedule, as MobileVLM trains)
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
-
-
 def distill_forward(student: MobileVLM, teacher: MobileVLM | None, loss_fn: AlignKDLoss, batch: dict,
                     device: torch.device, dtype: torch.dtype, shared_vision: bool = True, cache=None,
                     distill: bool = True, separate: bool = False) -> dict[str, torch.Tensor]:
@@ -590,7 +583,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = make_optimizer(masters.groups if masters else groups, args, device)
     micro_per_epoch = max(1, len(dataset) // args.batch_size)
     total = args.max_steps or max(1, int(args.epochs * micro_per_epoch / args.grad_accum))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.warmup_ratio * total)))
+    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total), total)  # as MobileVLM trains
 
     # resume
     step, epoch, offset, skipped = 0, 0, 0, Counter()

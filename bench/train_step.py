@@ -69,6 +69,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import get_cosine_schedule_with_warmup
 
 # the repo root first: run as a script, sys.path[0] is bench/, whose kernels.py would shadow the kernels package
 _ROOT = str(Path(__file__).resolve().parents[1])
@@ -82,7 +83,7 @@ from data.constants import IGNORE_INDEX, NUM_IMAGE_TOKENS  # noqa: E402
 from kernels.alignkd_loss import AlignKDLoss  # noqa: E402
 from model.master_weights import MasterWeights  # noqa: E402
 from model.quantize import model_bytes, quantize_model  # noqa: E402
-from train_alignkd import TERMS, distill_forward, lr_lambda, make_optimizer, same_vision_tower  # noqa: E402
+from train_alignkd import TERMS, distill_forward, make_optimizer, same_vision_tower  # noqa: E402
 
 CONFIGS = {
     "a": "this project's step (NF4 teacher, shared CLIP, fused losses, fp32 masters + 8-bit paged AdamW)",
@@ -235,7 +236,7 @@ class ProjectState:
         self.masters = MasterWeights(self.groups) if use_masters else None
         self.opt = make_optimizer(self.masters.groups if self.masters else self.groups,
                                   SimpleNamespace(optim=optim, weight_decay=0.0), device)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(10_000, 300))
+        self.sched = get_cosine_schedule_with_warmup(self.opt, 300, 10_000)
 
     def master_bytes(self) -> int:
         return tensor_bytes(self.masters.masters()) if self.masters else 0

@@ -21,9 +21,13 @@ def _log(out):
 
 
 def test_demo_learns_and_writes_a_loadable_checkpoint(tmp_path):
-    result = train_alignkd.main(["--output-dir", str(tmp_path), *tiny_args(tmp_path, "24"), *FAST])
+    result = train_alignkd.main(["--output-dir", str(tmp_path), *tiny_args(tmp_path, "24"), "--warmup-ratio", "0.1",
+                                 *FAST])
     hist = result["history"]
     assert [h["step"] for h in hist] == list(range(1, 25))
+    # the logged lr is the one for the next step: linear warmup over int(0.1 * 24) = 2 steps from 0, then cosine to 0
+    expected = [t / 2 if t < 2 else 0.5 * (1 + math.cos(math.pi * (t - 2) / 22)) for t in range(1, 25)]
+    assert [h["lr"] for h in hist] == pytest.approx([3e-3 * e for e in expected], rel=1e-6, abs=1e-12)
     for h in hist:
         for k in train_alignkd.TERMS:
             assert math.isfinite(h[k]), (k, h)

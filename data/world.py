@@ -2,7 +2,7 @@
 cross-modal alignment is worth distilling.
 
 A scene is 2-4 objects (a shape in a colour) in distinct cells of a 3 x 3 grid on a 336 x 336 image; a cell is
-112 px, 8 x 8 CLIP patches, 4 x 4 of the 144 image tokens. An object (33-49 px across) sits on its cell's centre, which is
+112 px, 8 x 8 CLIP patches, 4 x 4 of the 144 image tokens. An object (41-49 px across) sits on its cell's centre, which is
 the corner of four image tokens: each of the four sees one quarter of the shape (an arc, a right angle or a slope), so
 a small vision tower can tell the shape from one token, and the answer to a question lives in 4 image tokens out of
 144 that the text has to find:
@@ -13,6 +13,10 @@ a small vision tower can tell the shape from one token, and the answer to a ques
     Where is the green circle?               Top left.
     What is in the bottom right?             A red square. / Nothing.
     What is left of the red circle?          A blue square. / Nothing.   (the nearest object to its left in its row)
+
+Every question names the image tokens it is about (`target_tokens` of a held-out record): the four tokens of the
+object it names or asks for (of every object of the shape, for a count; of the cell, for "What is in ..."), which
+is where a grounded model's text looks (evaluation/heldout.py measures it).
 
 Records are LLaVA-format: `plain` captions ("A red circle at the top left and a blue square in the center.") for a
 stage-1 style run, and `v1` conversations (eight questions about one image) for training; held-out records have
@@ -60,9 +64,10 @@ def scene_key(scene: list[dict]) -> str:
 
 def _scene(rng: random.Random) -> list[dict]:
     cells = sorted(rng.sample(range(9), rng.randint(2, 4)))
-    # r + |offset| < TOKEN: the object stays inside the four tokens around the cell's centre
+    # r + |offset| < TOKEN: the object stays inside the four tokens around the cell's centre; each token sees a
+    # large part of it (a smaller or more shifted object leaves one token a sliver that tells no shape)
     return [{"cell": c, "shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)),
-             "dx": rng.randint(-2, 2), "dy": rng.randint(-2, 2), "r": rng.randint(16, 24)} for c in cells]
+             "dx": rng.randint(-1, 1), "dy": rng.randint(-1, 1), "r": rng.randint(20, 24)} for c in cells]
 
 
 def centre(o: dict) -> tuple[int, int]:
@@ -72,7 +77,8 @@ def centre(o: dict) -> tuple[int, int]:
 
 
 def object_tokens(o: dict) -> list[int]:
-    """Indices, in raster order of the 12 x 12 image tokens, of the four tokens that hold the object."""
+    """Indices, in raster order of the 12 x 12 image tokens, of the four tokens that hold the object (or that an
+    object in its cell would hold: only "cell" is read)."""
     r, c = divmod(o["cell"], 3)
     top, left = (r * CELL + CELL // 2) // TOKEN - 1, (c * CELL + CELL // 2) // TOKEN - 1
     n = IMAGE_SIZE // TOKEN
@@ -95,27 +101,33 @@ def _left_of(scene: list[dict], o: dict) -> dict | None:
     return max(row, key=lambda p: p["cell"]) if row else None
 
 
-def questions(scene: list[dict]) -> list[tuple[str, str, str]]:
-    """Every (kind, question, answer) this scene supports; answers are short and unique."""
+def questions(scene: list[dict]) -> list[tuple[str, str, str, list[int]]]:
+    """Every (kind, question, answer, target tokens) this scene supports; answers are short and unique. The target
+    tokens are the image tokens the question is about: those of the object it names (for left_of, the named object:
+    the answer is found from it), of every object of the shape it counts, or of the cell it asks about."""
     out = []
     shapes = [o["shape"] for o in scene]
     colours = [o["colour"] for o in scene]
     for o in scene:
         if shapes.count(o["shape"]) == 1:
-            out.append(("colour", f"What colour is the {o['shape']}?", f"{o['colour'].capitalize()}."))
+            out.append(("colour", f"What colour is the {o['shape']}?", f"{o['colour'].capitalize()}.",
+                        object_tokens(o)))
         if colours.count(o["colour"]) == 1:
-            out.append(("shape", f"What shape is the {o['colour']} object?", f"{o['shape'].capitalize()}."))
+            out.append(("shape", f"What shape is the {o['colour']} object?", f"{o['shape'].capitalize()}.",
+                        object_tokens(o)))
         if sum(p["shape"] == o["shape"] and p["colour"] == o["colour"] for p in scene) == 1:
-            out.append(("where", f"Where is the {o['colour']} {o['shape']}?", f"{cell_name(o['cell']).capitalize()}."))
+            out.append(("where", f"Where is the {o['colour']} {o['shape']}?", f"{cell_name(o['cell']).capitalize()}.",
+                        object_tokens(o)))
             left = _left_of(scene, o)
             out.append(("left_of", f"What is left of the {o['colour']} {o['shape']}?",
-                        f"{_phrase(left).capitalize()}." if left else "Nothing."))
+                        f"{_phrase(left).capitalize()}." if left else "Nothing.", object_tokens(o)))
     for s in SHAPES:
-        out.append(("count", f"How many {s}s are there?", f"{NUMBERS[shapes.count(s)]}."))
+        out.append(("count", f"How many {s}s are there?", f"{NUMBERS[shapes.count(s)]}.",
+                    sorted(t for o in scene if o["shape"] == s for t in object_tokens(o))))
     by_cell = {o["cell"]: o for o in scene}
     for c in range(9):
         answer = f"{_phrase(by_cell[c]).capitalize()}." if c in by_cell else "Nothing."
-        out.append(("what_at", f"What is in the {cell_name(c)}?", answer))
+        out.append(("what_at", f"What is in the {cell_name(c)}?", answer, object_tokens({"cell": c})))
     return out
 
 
@@ -134,7 +146,7 @@ def draw(scene: list[dict]) -> Image.Image:
     return img
 
 
-def _pick(rng: random.Random, scene: list[dict], k: int) -> list[tuple[str, str, str]]:
+def _pick(rng: random.Random, scene: list[dict], k: int) -> list[tuple[str, str, str, list[int]]]:
     """k questions, of different kinds first (a kind, then one of its questions), so that rare kinds are not drowned
     by the nine `what_at` questions every scene has; then any others."""
     by_kind: dict[str, list] = {}
@@ -154,7 +166,7 @@ def make_world(folder: str | Path, n_train: int = 2000, n_heldout: int = 300, se
                questions_per_image: int = 8) -> dict[str, Path]:
     """Write the world under `folder`: `train_v1.json` (n_train images, `questions_per_image` questions each),
     `train_plain.json` (the same images, captions), `heldout_v1.json` (n_heldout unseen scenes, one question
-    each, kinds in turn), `heldout_plain.json`, and the PNGs under `images/` (the image folder is `folder`).
+    each, kinds in turn, with the question's `target_tokens`), `heldout_plain.json`, and the PNGs under `images/` (the image folder is `folder`).
     Deterministic for a seed. Returns the paths by name."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -168,7 +180,7 @@ def make_world(folder: str | Path, n_train: int = 2000, n_heldout: int = 300, se
         image = f"images/train_{i:05d}.png"
         draw(scene).save(folder / image)
         conv = []
-        for k, (_, q, a) in enumerate(_pick(rng, scene, questions_per_image)):
+        for k, (_, q, a, _) in enumerate(_pick(rng, scene, questions_per_image)):
             conv += _turn(f"<image>\n{q}" if k == 0 else q, a)
         train_v1.append({"id": f"train-{i:05d}", "image": image, "conversations": conv})
         train_plain.append({"id": f"train-{i:05d}", "image": image, "conversations": _turn("<image>", caption(scene))})
@@ -180,10 +192,10 @@ def make_world(folder: str | Path, n_train: int = 2000, n_heldout: int = 300, se
         i = len(held_v1)
         kind = QUESTION_KINDS[i % len(QUESTION_KINDS)]
         options = [q for q in questions(scene) if q[0] == kind] or questions(scene)
-        _, q, a = rng.choice(options)
+        kind, q, a, target = rng.choice(options)  # the kind asked, where the scene has none of the turn's
         image = f"images/heldout_{i:05d}.png"
         draw(scene).save(folder / image)
-        held_v1.append({"id": f"heldout-{i:05d}", "image": image, "kind": kind,
+        held_v1.append({"id": f"heldout-{i:05d}", "image": image, "kind": kind, "target_tokens": target,
                         "conversations": _turn(f"<image>\n{q}", a)})
         held_plain.append({"id": f"heldout-{i:05d}", "image": image,
                            "conversations": _turn("<image>", caption(scene))})
@@ -203,7 +215,7 @@ def world_texts(n_scenes: int = 3000, seed: int = 12345) -> list[str]:
         scene = _scene(rng)
         # the template's words once per scene, as often as in training text, so BPE learns them as whole pieces
         texts += [SYSTEM_V1, f"{ROLES_V1[0]}: {ROLES_V1[1]}:", caption(scene)]
-        for _, q, a in questions(scene):
+        for _, q, a, _ in questions(scene):
             texts += [q, a]
     return texts
 

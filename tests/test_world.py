@@ -68,7 +68,7 @@ def test_questions_and_caption_of_a_known_scene():
     scene = [{"cell": 0, "shape": "circle", "colour": "red", "dx": 0, "dy": 0, "r": 35},
              {"cell": 2, "shape": "square", "colour": "blue", "dx": 0, "dy": 0, "r": 35},
              {"cell": 4, "shape": "circle", "colour": "green", "dx": 0, "dy": 0, "r": 35}]
-    qa = {q: a for _, q, a in questions(scene)}
+    qa = {q: a for _, q, a, _ in questions(scene)}
     assert qa["What colour is the square?"] == "Blue."
     assert "What colour is the circle?" not in qa  # two circles: ambiguous, never asked
     assert qa["What shape is the green object?"] == "Circle."
@@ -109,3 +109,29 @@ def test_each_object_lies_in_its_four_image_tokens():
             inside = (ys // CELL == r) & (xs // CELL == c)  # this object's pixels (one object per cell)
             tokens = {int(y) // TOKEN * 12 + int(x) // TOKEN for y, x in zip(ys[inside], xs[inside])}
             assert tokens == set(object_tokens(o))
+
+
+def test_held_out_questions_name_the_image_tokens_they_are_about(tmp_path):
+    """A held-out record's target tokens, read back from the pixels: the named (or counted) object's tokens hold its
+    colour; a "What is in ..." question's four tokens hold the answer's colour, or only background."""
+    from data.world import TOKEN
+
+    paths = make_world(tmp_path, n_train=4, n_heldout=60, seed=3)
+    held = json.loads(paths["heldout_v1"].read_text())
+    assert {r["kind"] for r in held} == set(QUESTION_KINDS)
+    for rec in held:
+        img = np.asarray(Image.open(tmp_path / rec["image"]).convert("RGB")).astype(int)
+        q, a = rec["conversations"][0]["value"].lower(), rec["conversations"][1]["value"].lower()
+        tokens = rec["target_tokens"]
+        assert all(0 <= t < 144 for t in tokens) and len(tokens) % 4 == 0
+        blocks = [img[t // 12 * TOKEN:(t // 12 + 1) * TOKEN, t % 12 * TOKEN:(t % 12 + 1) * TOKEN].reshape(-1, 3)
+                  for t in tokens]
+        named = [c for c in COLOURS if c in (a if rec["kind"] in ("colour", "what_at") else q)]
+        if rec["kind"] == "count":
+            assert len(tokens) == 4 * ["none", "one", "two", "three", "four"].index(a.rstrip(".")), rec
+        elif rec["kind"] == "what_at" and a == "nothing.":
+            assert all((np.abs(b - 250).sum(1) < 10).all() for b in blocks), rec  # background only
+        else:
+            assert len(tokens) == 4 and len(named) == 1, rec
+            rgb = np.array(COLOURS[named[0]])
+            assert all((np.abs(b - rgb).sum(1) < 10).any() for b in blocks), rec

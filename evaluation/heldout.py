@@ -7,6 +7,12 @@ and length limit):
 - exact match: the prompt is the sample's tokens before its first supervised token, the reference is that first
   supervised span (the first answer); the model decodes greedily, and the two texts are compared after
   `normalize_answer`. A multi-round record is scored on its first answer.
+- grounding, where records name the image tokens their question is about (`target_tokens`, as the shapes world's
+  do): in the LLaMA's first layer, for each head, the largest share, over the text tokens between the image and the
+  answer, of a token's attention to the image that falls on the target tokens; the mean over heads and records.
+  It is what Align-KD's attention term aligns (the first layer's text->image attention); a head that does not
+  look scores the target tokens' share of the image, about 4/144. Records without target tokens (a count of
+  none) are left out.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from data import Collator, LLaVADataset, Tokenizer
-from data.constants import IGNORE_INDEX
+from data.constants import IGNORE_INDEX, NUM_IMAGE_TOKENS
 from model.generation import decode_answer, greedy_generate, length_sorted_batches
 
 
@@ -36,6 +42,19 @@ def first_answer(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[list[in
     return input_ids[:start].tolist(), input_ids[start:end].tolist()
 
 
+def target_attention_share(q: torch.Tensor, k: torch.Tensor, vision_start: int, answer_start: int,
+                           targets: list[int]) -> float:
+    """Grounding of one sample from its first layer's post-RoPE q and k ([H, L, D]): per head, the largest share of a
+    question token's image attention on the target image tokens, averaged over heads. The question tokens are those
+    from the image's end up to the answer's first token (exclusive); only their rows of the attention are built."""
+    rows = torch.arange(vision_start + NUM_IMAGE_TOKENS, answer_start, device=q.device)
+    scores = (q[:, rows].float() @ k[:, :answer_start].float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    future = torch.arange(answer_start, device=q.device)[None] > rows[:, None]
+    image = scores.masked_fill(future, float("-inf")).softmax(-1)[..., vision_start:vision_start + NUM_IMAGE_TOKENS]
+    on_target = image[..., targets].sum(-1) / image.sum(-1)  # [H, rows]
+    return float(on_target.max(-1).values.mean())
+
+
 class HeldOut:
     """The held-out records of one JSON, prepared once; `evaluate(model)` scores a model on them."""
 
@@ -48,7 +67,9 @@ class HeldOut:
         kept = [i for i, s in enumerate(samples) if "skip" not in s]
         self.samples = [samples[i] for i in kept]
         records = (dataset.index[i] for i in kept)  # a record's optional "kind" field
-        self.kinds = [r.get("kind") if isinstance(r, dict) else None for r in records]
+        records = [r if isinstance(r, dict) else {} for r in records]
+        self.kinds = [r.get("kind") for r in records]
+        self.targets = [r.get("target_tokens") for r in records]
         if not self.samples:
             raise ValueError(f"{json_path}: no usable held-out record (skipped: {dict(self.skipped)})")
         self.tokenizer, self.collate = tokenizer, Collator(tokenizer.pad_token_id)
@@ -63,8 +84,12 @@ class HeldOut:
         was_training = model.training
         model.eval()
         device, dtype = model.device, model.lm_head.weight.dtype
+        grounded = any(t for t in self.targets)
+        own_capture = grounded and model.qk_capture is None
+        if own_capture:
+            model.enable_qk_capture()
         try:
-            nll, n_tok = 0.0, 0
+            nll, n_tok, shares = 0.0, 0, []
             for i in range(0, len(self.samples), batch_size):
                 b = self.collate(self.samples[i:i + batch_size])
                 out = model(b["input_ids"].to(device), b["attention_mask"].to(device),
@@ -75,6 +100,11 @@ class HeldOut:
                 logits = model.lm_head(out.hidden_states[:, :-1][rows]).float()
                 nll += float(F.cross_entropy(logits, labels[rows], reduction="sum"))
                 n_tok += int(rows.sum())
+                for j, targets in enumerate(self.targets[i:i + batch_size]):
+                    if targets and out.mm.has_image[j]:
+                        answer = int((out.mm.labels[j] != IGNORE_INDEX).nonzero()[0])
+                        shares.append(target_attention_share(out.q0[j], out.k0[j], int(out.mm.vision_start[j]),
+                                                             answer, targets))
             prompts, refs = zip(*(first_answer(s["input_ids"], s["labels"]) for s in self.samples))
             right = [False] * len(self.samples)
             for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
@@ -86,7 +116,11 @@ class HeldOut:
                         normalize_answer(decode_answer(self.tokenizer, refs[j]))
         finally:
             model.train(was_training)
+            if own_capture:
+                model.disable_qk_capture()
         out = {"eval_ce": nll / max(n_tok, 1), "eval_acc": sum(right) / len(right), "eval_n": len(right)}
+        if shares:
+            out["eval_grounding"] = sum(shares) / len(shares)
         by_kind: dict[str, list[bool]] = {}
         for k, r in zip(self.kinds, right):
             if k is not None:

@@ -118,6 +118,10 @@ class MobileVLM(nn.Module):
         self.model.layers[0].self_attn.qk_capture = self.qk_capture
         return self.qk_capture
 
+    def disable_qk_capture(self) -> None:
+        self.qk_capture = None
+        self.model.layers[0].self_attn.qk_capture = None
+
     def enable_activation_checkpointing(self) -> None:
         m = self.model
         if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.23

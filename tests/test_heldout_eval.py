@@ -12,7 +12,7 @@ import train_alignkd
 from data import LLaVADataset, load_tokenizer
 from data.world import make_world, make_world_tokenizer
 from evaluation.heldout import HeldOut, normalize_answer
-from model import MobileVLM
+from model import ATTN_IMPLEMENTATION, MobileVLM
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,32 @@ def _naive(model, tok, dataset):
         correct += ok
         by_kind.setdefault(dataset.index[i]["kind"], []).append(ok)
     return nll / n, correct / len(dataset), {k: sum(v) / len(v) for k, v in by_kind.items()}
+
+
+def _naive_grounding(model, dataset) -> float:
+    """From the full first-layer attention maps of transformers' eager attention, one question token at a time."""
+    model.model.set_attn_implementation("eager")
+    try:
+        per_record = []
+        for i in range(len(dataset)):
+            s = dataset[i]
+            mm = model.prepare_multimodal(s["input_ids"][None], images=s["image"][None], labels=s["labels"][None])
+            att = model.model(inputs_embeds=mm.inputs_embeds, position_ids=mm.position_ids,
+                              output_attentions=True).attentions[0][0]  # [H, L, L]
+            start = int(mm.vision_mask[0].nonzero()[0])
+            answer = int((mm.labels[0] != -100).nonzero()[0])
+            targets = [start + t for t in dataset.index[i]["target_tokens"]]
+            if not targets:  # "How many squares?" where there are none: nothing to look at
+                continue
+            heads = []
+            for h in range(att.shape[0]):
+                shares = [float(att[h, r, targets].sum() / att[h, r, start:start + 144].sum())
+                          for r in range(start + 144, answer)]
+                heads.append(max(shares))
+            per_record.append(sum(heads) / len(heads))
+    finally:
+        model.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return sum(per_record) / len(per_record)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +122,10 @@ def test_heldout_evaluation_equals_a_naive_computation(world, trained):
     assert got["eval_acc"] == pytest.approx(acc)
     assert got["eval_acc_by_kind"] == pytest.approx(by_kind)
     assert 0 < acc < 1  # the comparison can tell right from wrong answers
+    with torch.no_grad():
+        grounding = _naive_grounding(model, dataset)
+    assert got["eval_grounding"] == pytest.approx(grounding, rel=1e-3)  # batched float32 against one at a time
+    assert model.qk_capture is None  # the evaluation captured q and k only while it ran
 
 
 def test_normalize_answer():

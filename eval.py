@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.benchmarks import (BENCHMARKS, AnswerFileError, MissingDataError, Question, answer_key, answers_by_key,
+from evaluation.benchmarks import (BENCHMARKS, AnswerFileError, MissingDataError, Question, answer_key, answers_by_key,
                              check_data, limit_questions, load_questions, read_answer_records)
 from data.constants import NUM_IMAGE_TOKENS
 from data.images import process_image
-from data.scorers import score_benchmark
+from evaluation.scorers import score_benchmark
 from data.templates import build_prompt
 
 LABELS = {"gqa": "GQA", "sqa": "SQA-I", "textvqa": "TextVQA", "pope": "POPE", "mme": "MME-P", "mmbench": "MMB-dev"}
@@ -263,7 +263,7 @@ def _no_answers(bench: str, path: Path, questions: list[Question], given: dict[s
             "another benchmark?")
 
 
-def load_model(path: str, dtype: str, vision_tower: str | None):
+def load_eval_model(path: str, dtype: str, vision_tower: str | None):
     """The model and tokenizer of a checkpoint folder; EvalError (one line) when they cannot be loaded."""
     from data.tokenizer import load_tokenizer
     from model import MobileVLM
@@ -285,7 +285,7 @@ def demo(out: Path, batch_size: int, model_path: str | None = None) -> dict:
     """All six benchmarks on synthetic data, downloads nothing: with a random tiny model, or with `model_path`
     (e.g. the checkpoint `python train_alignkd.py` wrote)."""
     from data.synthetic import make_demo_tokenizer
-    from data.synthetic_benchmarks import make_synthetic_benchmarks
+    from evaluation.synthetic_benchmarks import make_synthetic_benchmarks
     from data.tokenizer import load_tokenizer
     from model import MobileVLM
 
@@ -293,7 +293,7 @@ def demo(out: Path, batch_size: int, model_path: str | None = None) -> dict:
         tokenizer = load_tokenizer(make_demo_tokenizer(out / "tokenizer"))
         model, model_id = MobileVLM.tiny(seed=0, vocab_size=tokenizer.vocab_size).eval(), "tiny-demo"
     else:  # before the data is made: a wrong path fails at once
-        model, tokenizer = load_model(model_path, "fp32", None)
+        model, tokenizer = load_eval_model(model_path, "fp32", None)
         model_id = str(Path(model_path).resolve())
     root = make_synthetic_benchmarks(out / "data", n=8)
     # answers already in `out` are kept (a rerun resumes); those of another model are refused by generate_answers
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if missing:
             raise MissingDataError("benchmark data not found under --data-root:\n  " + "\n  ".join(missing))
         dtype = args.dtype or ("fp16" if torch.cuda.is_available() else "fp32")
-        model, tokenizer = load_model(args.model, dtype, args.vision_tower)
+        model, tokenizer = load_eval_model(args.model, dtype, args.vision_tower)
         model_id = str(Path(args.model).resolve())
         out = args.out or Path("runs/eval") / Path(model_id).name
         metrics = evaluate(benches, args.data_root, out, model_id, model, tokenizer, args.limit,

@@ -8,7 +8,7 @@ One readable loop: batch -> shared CLIP features -> student (grad) and teacher (
 Checkpoints are written atomically in the official MobileVLM layout, with the adapters and the optimizer state,
 and `--resume` continues from the latest one with the same data order. Ctrl-C or SIGTERM (a cluster's preemption
 notice) finishes the current optimizer step, saves a checkpoint and exits; a second one aborts at once.
-`--cache-teacher DIR` stores the teacher's part of the losses once (model/teacher_cache.py) and trains from it
+`--cache-teacher DIR` stores the teacher's part of the losses once (training/teacher_cache.py) and trains from it
 without the teacher.
 """
 from __future__ import annotations
@@ -18,15 +18,13 @@ import contextlib
 import json
 import logging
 import math
-import os
-import pickle
 import random
-import re
-import shutil
 import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +39,17 @@ from data.templates import TEMPLATES
 from data.tokenizer import tokenizer_fingerprint
 from data.workers import ignore_stop_signals, iterate as iterate_loader
 from evaluation.heldout import HeldOut
-from kernels.alignkd_loss import ATTN_FORMS, PROJ_SIDES, AlignKDLoss, KDBatch, KDSide
+from losses import ATTN_FORMS, PROJ_SIDES, TERMS, AlignKDLoss, KDBatch, KDSide, flag, logged_terms
 from model import MobileVLM
+from model.lora import apply_lora, lora_parameter_counts
 from model.master_weights import MasterWeights
-from model.lora import apply_lora, is_lora, lora_parameter_counts, merged_state_dict, trainable_state_dict
 from model.quantize import load_teacher, model_bytes
-from model.teacher_cache import (DEFAULT_SHARD_SIZE, CacheMismatch, IndexedCollator, IndexedDataset, TeacherCache,
-                                 build_cache, check_cache, make_manifest, teacher_fingerprint)
+from training.checkpoints import (clear_run, existing_run, latest_checkpoint, load_checkpoint,
+                                  remove_unfinished_saves, resume_checkpoint, save_checkpoint, trim_log)
+from training.teacher_cache import (DEFAULT_SHARD_SIZE, CacheMismatch, IndexedCollator, IndexedDataset, TeacherCache,
+                                    build_cache, check_cache, make_manifest, teacher_fingerprint)
 
 log = logging.getLogger("alignkd")
-TERMS = ("loss", "ce", "logit", "attn", "proj_all", "proj_focus")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,17 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-len", type=int, default=2048, help="longest sequence, image counted as 144 tokens")
     p.add_argument("--seed", type=int, default=0)
-    # defaults: the best measured in the shapes world (bench/ablate.py, README); the paper's literal objective is
-    # --attn-form mse --w-attn 1 --w-proj-all 1 --w-proj-focus 1
-    p.add_argument("--w-logit", type=float, default=1.0)
-    p.add_argument("--w-attn", type=float, default=0.1)
+    for term in TERMS.values():  # --w-logit, --w-attn, ...: one per registered loss term (losses/terms.py)
+        p.add_argument(flag(term.name), type=float, default=term.weight, help=f"weight of {term.help or term.name} "
+                       f"(default {term.weight:g})")
     p.add_argument("--attn-form", choices=ATTN_FORMS, default="kl",
                    help="kl (default): KL between the teacher's head-mixed and the student's layer-0 attention "
                         "renormalized over the vision keys (O(1)); mse: the paper's literal form, MSE of text->vision "
                         "attention probabilities through a 1x1 conv over heads (probabilities are ~1/L, so the term "
                         "is ~1e-5)")
-    p.add_argument("--w-proj-all", type=float, default=0.0, help="the paper uses 1")
-    p.add_argument("--w-proj-focus", type=float, default=0.0, help="the paper uses 1")
     p.add_argument("--proj-side", choices=PROJ_SIDES, default="teacher",
                    help="teacher: the paper's adapter A(teacher tokens) ~ student tokens; student: A(student tokens) "
                         "~ teacher tokens (the adapter cannot absorb the loss by itself)")
@@ -133,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--teacher), then train from DIR without loading the teacher; a complete DIR is reused as "
                         "is. --teacher may be left out when DIR is complete (its recorded teacher is used; given, "
                         "it is checked). A DIR made with another teacher, tokenizer, data file, template, image mode "
-                        "or --max-len is refused. Size: see model/teacher_cache.py (~2.5-26 MB per sample at 7B shapes)")
+                        "or --max-len is refused. Size: README, 'Memory' (python bench/cache_size.py)")
     p.add_argument("--cache-shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.projector_lr is None:
@@ -142,16 +138,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ---- models -----------------------------------------------------------------------------------------------------------
+# ---- models and the objective ------------------------------------------------------------------------------------
 
-def load_model(path: str, args: argparse.Namespace, dtype: torch.dtype, what: str) -> MobileVLM:
-    folder = Path(path)
+def load_student(args: argparse.Namespace, dtype: torch.dtype) -> MobileVLM:
+    """--student: a MobileVLM checkpoint folder, or a LLaMA folder given a CLIP (--vision-tower)."""
+    folder = Path(args.student)
     if not folder.is_dir():
-        raise SystemExit(f"error: {what} folder {folder} does not exist")
+        raise SystemExit(f"error: student folder {folder} does not exist")
     cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     if cfg.get("model_type") not in (None, "mobilevlm") or (cfg and "mm_projector_type" not in cfg):
         if not args.vision_tower:
-            raise SystemExit(f"error: {what} {folder} is a plain language model: pass --vision-tower CLIP_DIR")
+            raise SystemExit(f"error: student {folder} is a plain language model: pass --vision-tower CLIP_DIR")
         return MobileVLM.from_llm(folder, args.vision_tower, dtype=dtype, device=args.device)
     return MobileVLM.from_pretrained(folder, vision_tower=args.vision_tower, dtype=dtype, device=args.device)
 
@@ -213,142 +210,184 @@ def prepare_teacher_cache(args: argparse.Namespace, dataset, tokenizer, data_des
     return cache
 
 
-# ---- checkpoints --------------------------------------------------------------------------------------------------------
+@dataclass
+class Models:
+    """What every micro-batch needs besides the batch: the trained student, the teacher's side (a live frozen
+    teacher, its cache, or neither for --no-distill) and the objective with its adapters."""
 
-def save_checkpoint(out: Path, step: int, student: MobileVLM, loss_fn: AlignKDLoss | None, opt, sched, state: dict,
-                    tokenizer_dir: Path, keep: int, masters: MasterWeights | None = None) -> Path:
-    """Write checkpoint-STEP atomically: build it in a temp folder, rename, then repoint `latest`."""
-    final = out / f"checkpoint-{step}"
-    tmp = out / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lora = is_lora(student)
-    student.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=merged_state_dict(student) if lora else None,
-                            final_path=final)  # config.json names final/vision_tower, where it will be
-    if lora:  # the merged weights serve evaluation; resuming needs the adapters on top of the base model
-        torch.save(trainable_state_dict(student), tmp / "lora_trainable.pt")
-    if masters is not None:  # the bf16 weights are rounded: exact resume needs the fp32 copies
-        torch.save(masters.masters(), tmp / "master_weights.pt")
-    if loss_fn is not None:  # a --no-distill run has no adapters to keep
-        torch.save(loss_fn.state_dict(), tmp / "alignkd_adapters.pt")
-    # tensors only (loadable with weights_only=True); counters, arguments and the numpy/python RNG states as JSON
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()},
-               tmp / "trainer_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "rng": rng_state_json()}, indent=1, default=_jsonable))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = out / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, out / "latest")
-    prune_checkpoints(out, final, keep)
-    return final
+    student: MobileVLM
+    loss_fn: AlignKDLoss
+    device: torch.device
+    dtype: torch.dtype
+    teacher: MobileVLM | None = None
+    cache: TeacherCache | None = None
+    shared_vision: bool = False  # one CLIP forward feeds both models
+    distill: bool = True  # from the live teacher, or from the cache
 
 
-def checkpoint_step(path: Path) -> int | None:
-    step = path.name.removeprefix("checkpoint-")
-    return int(step) if path.name.startswith("checkpoint-") and step.isdigit() and path.is_dir() else None
+def build_models(args: argparse.Namespace, tokenizer, cache: TeacherCache | None, device: torch.device,
+                 dtype: torch.dtype) -> Models:
+    student = load_student(args, dtype)
+    teacher = load_frozen_teacher(args, device, dtype, tokenizer) if not args.no_distill and cache is None else None
+    return prepare_models(args, student, teacher, cache, device, dtype)
 
 
-def prune_checkpoints(out: Path, current: Path, keep: int) -> None:
-    """Keep `current` and the keep-1 newest checkpoints before it (keep < 1: keep all). Checkpoints numbered above
-    `current` (left by a run that this one continues from an earlier step) are removed first."""
-    if keep < 1:
-        return
-    step = checkpoint_step(current)
-    others = [(s, p) for p in out.glob("checkpoint-*") if (s := checkpoint_step(p)) is not None and p != current]
-    others.sort(key=lambda sp: (sp[0] < step, sp[0]), reverse=True)
-    for _, old in others[keep - 1:]:
-        shutil.rmtree(old, ignore_errors=True)
+def prepare_models(args: argparse.Namespace, student: MobileVLM, teacher: MobileVLM | None,
+                   cache: TeacherCache | None, device: torch.device, dtype: torch.dtype) -> Models:
+    """Loaded models made ready to train: one CLIP for both when they carry the same, layer-0 q/k capture, LoRA,
+    activation checkpointing, and the objective sized to both."""
+    shared_vision = False
+    if teacher is not None:
+        if same_vision_tower(student, teacher):
+            log.info("vision towers are identical: one CLIP forward feeds both models")
+            teacher.model.vision_tower = student.model.vision_tower
+            shared_vision = True
+        else:
+            log.info("vision towers differ: each model runs its own CLIP")
+        teacher.enable_qk_capture()
+    student.enable_qk_capture()
+    if args.lora_r:
+        apply_lora(student, args.lora_r)
+        log.info(f"LoRA r={args.lora_r}: trainable {lora_parameter_counts(student)}")
+    if args.train_vision_tower:
+        student.vision_tower.set_trainable(True)
+    if not args.no_checkpointing:
+        student.enable_activation_checkpointing()
+    student.train()
+    t_shape = cache or teacher or student  # heads and width of the teacher (the student's for the baseline)
+    loss_fn = AlignKDLoss(
+        teacher_heads=t_shape.num_heads, student_heads=student.num_heads,
+        teacher_dim=t_shape.hidden_size, student_dim=student.hidden_size,
+        weights={name: getattr(args, "w_" + name) for name in TERMS}, topk=args.topk, kl=args.kl,
+        temperature=args.temperature, backend=args.backend, attn_form=args.attn_form,
+        proj_side=args.proj_side).to(device)
+    return Models(student, loss_fn, device, dtype, teacher, cache, shared_vision, distill=not args.no_distill)
 
 
-def _jsonable(x):
-    return sorted(x) if isinstance(x, (set, frozenset)) else str(x)
+# ---- optimizer ----------------------------------------------------------------------------------------------------------
+
+def make_optimizer(groups: list[dict], args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    kind = args.optim if args.optim != "auto" else ("adamw8bit" if device.type == "cuda" else "adamw")
+    kw = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    if kind == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, **kw)
 
 
-def rng_state_json() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {"numpy": [name, keys.tolist(), pos, has_gauss, cached], "python": [version, list(internal), gauss_next]}
+@dataclass
+class Optimization:
+    """Parameter groups (the LLM at --lr; the projector, a trained CLIP and the Align-KD adapters at --projector-lr),
+    fp32 master weights of a bf16 student, the optimizer and the LR schedule."""
+
+    groups: list[dict]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    masters: MasterWeights | None
+
+    @property
+    def student_params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups[:2] for p in g["params"]]
+
+    @property
+    def adapters(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups[2:] for p in g["params"]]
 
 
-def set_rng_state_json(rng: dict) -> None:
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = rng["python"]
-    random.setstate((version, tuple(internal), gauss_next))
+def build_optimizer(args: argparse.Namespace, models: Models, total: int) -> Optimization:
+    student = models.student
+    proj_params = list(student.mm_projector.parameters())
+    if args.train_vision_tower:
+        proj_params += list(student.vision_tower.parameters())
+    proj_ids = {id(p) for p in proj_params}
+    llm_params = [p for p in student.parameters() if p.requires_grad and id(p) not in proj_ids]
+    groups = [{"params": llm_params, "lr": args.lr},
+              {"params": proj_params, "lr": args.projector_lr}]
+    adapters = list(models.loss_fn.parameters()) if models.distill else []
+    if adapters:
+        groups.append({"params": adapters, "lr": args.projector_lr})
+    use_masters = args.master_weights == "fp32" or (args.master_weights == "auto" and models.dtype != torch.float32
+                                                         and not args.lora_r)
+    masters = MasterWeights(groups) if use_masters else None
+    opt = make_optimizer(masters.groups if masters else groups, args, models.device)
+    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total), total)  # as MobileVLM trains
+    return Optimization(groups, opt, sched, masters)
 
 
-def load_tensors(path: Path, map_location) -> object:
-    """torch.load with weights_only=True: tensors and plain data only, never arbitrary objects. A file that holds
-    anything else, or cannot be read, is a one-line error."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\s+Please use|\n|$)", str(e))
-        raise SystemExit(f"error: {path} is refused: it holds more than tensors and plain data "
-                         f"({m.group(1) if m else 'not loadable with weights_only=True'})") from None
-    except Exception as e:  # cut short, not a torch file, ...
-        raise SystemExit(f"error: cannot read {path}: {type(e).__name__}: {str(e).strip()[:200] or 'empty'}") from None
+def clip_gradients(student_params: list, adapters: list, max_norm: float) -> tuple[float, float | None]:
+    """Clip the student's and the Align-KD adapters' gradients each to `max_norm`, separately: one shared norm would
+    let the adapters' gradients (large under a heavily weighted term) shrink the student's update. Returns the two
+    norms before clipping (None without adapters)."""
+    s = float(torch.nn.utils.clip_grad_norm_(student_params, max_norm))
+    a = float(torch.nn.utils.clip_grad_norm_(adapters, max_norm)) if adapters else None
+    return s, a
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "latest"
-    if not pointer.exists():
-        return None
-    ckpt = out / pointer.read_text().strip()
-    return ckpt if (ckpt / "trainer_state.pt").exists() and (ckpt / "trainer_state.json").exists() else None
+def optimizer_step(optim: Optimization, max_grad_norm: float) -> tuple[float, float | None]:
+    """Clip, step (through the fp32 masters when there are), advance the schedule, clear the gradients; returns the
+    student's and the adapters' gradient norms before clipping."""
+    grad_norm, adapter_norm = clip_gradients(optim.student_params, optim.adapters, max_grad_norm)
+    if optim.masters is not None:
+        optim.masters.step(optim.opt)
+    else:
+        optim.opt.step()
+    optim.sched.step()
+    optim.opt.zero_grad(set_to_none=True)
+    return grad_norm, adapter_norm
 
 
-def existing_run(out: Path) -> list[str]:
-    """What in OUTPUT_DIR belongs to an earlier run: its checkpoints (by step) and the `latest` pointer."""
-    found = sorted((s, p.name) for p in out.glob("checkpoint-*") if (s := checkpoint_step(p)) is not None)
-    return [name for _, name in found] + (["latest"] if (out / "latest").exists() else [])
+# ---- one micro-batch ----------------------------------------------------------------------------------------------------
+
+def distill_forward(models: Models, batch: dict, separate: bool = False) -> dict[str, torch.Tensor]:
+    """One micro-batch: one CLIP forward, the student (with grad), the teacher (no grad; or its cached tensors),
+    and the Align-KD terms (nothing is backpropagated here)."""
+    student, teacher, device, dtype = models.student, models.teacher, models.device, models.dtype
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    images = batch["images"].to(device, dtype)
+    has_image = batch["has_image"].to(device)
+    feats = student.encode_images(images[has_image]) if bool(has_image.any()) else None
+    s = student(ids, mask, labels=labels, image_features=feats, compute_logits=False)
+    kd_batch = KDBatch(labels=s.mm.labels, attention_mask=s.mm.attention_mask, vision_mask=s.mm.vision_mask,
+                       text_mask=s.mm.text_mask, has_image=s.mm.has_image, vision_start=s.mm.vision_start)
+    s_side = KDSide(s.hidden_states, student.lm_head.weight, s.q0, s.k0, s.mm.vision_tokens)
+    t_side = None
+    if models.cache is not None:  # the teacher's tensors of these samples, stored by --cache-teacher
+        t_side = models.cache.teacher_side(batch["index"], kd_batch, device, dtype)
+    elif teacher is not None:
+        with torch.no_grad():
+            t_feats = feats if models.shared_vision or feats is None else teacher.encode_images(images[has_image])
+            t = teacher(ids, mask, image_features=t_feats, compute_logits=False)
+        t_side = KDSide(t.hidden_states, teacher.lm_head.weight, t.q0, t.k0, t.mm.vision_tokens)
+    return models.loss_fn(s_side, t_side, kd_batch, distill=models.distill, separate=separate)
 
 
-def clear_run(out: Path) -> None:
-    """--overwrite: delete the earlier run's checkpoints (and unfinished ones), `latest` and log.jsonl."""
-    for p in [*out.glob("checkpoint-*"), *out.glob(".tmp-checkpoint-*")]:
-        if p.is_dir():
-            shutil.rmtree(p)
-    for name in ("latest", "latest.tmp", "log.jsonl", "log.jsonl.tmp"):
-        (out / name).unlink(missing_ok=True)
+def micro_step(models: Models, batch: dict, grad_accum: int) -> dict[str, float]:
+    """Forward and backward of one of `grad_accum` micro-batches; returns its logged terms divided by grad_accum."""
+    terms = distill_forward(models, batch)
+    (terms["loss"] / grad_accum).backward()
+    return {k: terms[k].detach().item() / grad_accum for k in logged_terms()}
 
 
-def remove_unfinished_saves(out: Path) -> list[str]:
-    """On resume: delete what a save killed midway left (a temporary checkpoint folder, `latest.tmp`); `latest` never
-    points to them. Returns their names."""
-    found = sorted(p.name for p in out.glob(".tmp-checkpoint-*") if p.is_dir())
-    for name in found:
-        shutil.rmtree(out / name, ignore_errors=True)
-    if (out / "latest.tmp").exists():
-        (out / "latest.tmp").unlink()
-        found.append("latest.tmp")
-    return found
-
-
-def trim_log(path: Path, step: int) -> int:
-    """On resume from checkpoint-STEP: keep one record per step up to STEP (a step-0 evaluation included), drop the
-    records a stopped run wrote after its last checkpoint (and a line cut short); rewritten atomically. Returns the
-    number of lines dropped."""
-    if not path.exists():
-        return 0
-    lines = path.read_text(errors="replace").splitlines()
-    kept: dict[int, str] = {}
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+def probe_term_grads(models: Models, batch: dict) -> dict[str, float]:
+    """L2 norm of each weighted term's gradient on the student's trainable parameters (adapters excluded), from a
+    separate forward of one micro-batch; nothing is accumulated into .grad."""
+    params = [p for p in models.student.parameters() if p.requires_grad]
+    terms = distill_forward(models, batch, separate=True)
+    norms = {}
+    for k in logged_terms()[1:]:
+        t = terms.get(k)
+        if t is None or not t.requires_grad:
+            norms[k] = 0.0
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
-            kept[rec["step"]] = line  # a repeated step: the later record is the one this checkpoint continues
-    dropped = len(lines) - len(kept)
-    if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept[s] + "\n" for s in sorted(kept)))
-        os.replace(tmp, path)
-    return dropped
+        grads = torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+        norms[k] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+    return norms
 
 
-# ---- data order -------------------------------------------------------------------------------------------------------
+# ---- data order ---------------------------------------------------------------------------------------------------------
 
 class EpochSampler(torch.utils.data.Sampler):
     """A seeded permutation per epoch, started at an offset: a resumed run sees exactly the remaining samples."""
@@ -364,6 +403,44 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n - self.start
 
 
+@dataclass
+class Position:
+    """Where a run is in its data (saved with every checkpoint): the epoch, the samples of it already drawn and the
+    samples skipped so far, by reason."""
+
+    epoch: int = 0
+    offset: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+
+def batch_stream(dataset, tokenizer, args: argparse.Namespace, pos: Position, indexed: bool,
+                 json_path: Path) -> Iterator[dict]:
+    """Collated micro-batches from `pos` on, epoch after epoch, advancing `pos`. `indexed`: each batch carries its
+    rows' dataset indices ("index"), which reading the teacher cache needs."""
+    data, collate = ((IndexedDataset(dataset), IndexedCollator(tokenizer.pad_token_id)) if indexed else
+                     (dataset, Collator(tokenizer.pad_token_id)))
+    while True:
+        sampler = EpochSampler(len(dataset), args.seed, pos.epoch, pos.offset)
+        # workers ignore SIGINT/SIGTERM: a stop sent to the process group is this process's to handle
+        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler,
+                                             collate_fn=collate, num_workers=args.num_workers,
+                                             persistent_workers=False, worker_init_fn=ignore_stop_signals)
+        whole_pass, usable, pass_skips = pos.offset == 0, False, Counter()
+        with contextlib.closing(iterate_loader(loader)) as loader_batches:  # closing this closes the workers
+            for batch in loader_batches:
+                pos.offset += args.batch_size
+                usable = usable or "input_ids" in batch
+                pass_skips.update(batch["skipped"])
+                yield batch
+        if whole_pass and not usable:  # another epoch would yield nothing either
+            why = (", ".join(f"{k} {v}" for k, v in sorted(pass_skips.items())) if pass_skips else
+                   "none; the file holds no records")
+            raise SystemExit(f"error: no usable sample in {json_path} (skipped: {why})")
+        pos.epoch, pos.offset = pos.epoch + 1, 0
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------------
+
 def oom_message(args: argparse.Namespace, device: torch.device) -> str:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return (f"error: out of GPU memory (peak allocated {peak:.2f} GiB, batch {args.batch_size}, max-len "
@@ -371,72 +448,6 @@ def oom_message(args: argparse.Namespace, device: torch.device) -> str:
             f"--teacher-dtype nf4, --optim adamw8bit, --lora-r 64, or activation checkpointing (on unless "
             f"--no-checkpointing).")
 
-
-def make_optimizer(groups: list[dict], args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    kind = args.optim if args.optim != "auto" else ("adamw8bit" if device.type == "cuda" else "adamw")
-    kw = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
-    if kind == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit(groups, **kw)
-    return torch.optim.AdamW(groups, **kw)
-
-
-def distill_forward(student: MobileVLM, teacher: MobileVLM | None, loss_fn: AlignKDLoss, batch: dict,
-                    device: torch.device, dtype: torch.dtype, shared_vision: bool = True, cache=None,
-                    distill: bool = True, separate: bool = False) -> dict[str, torch.Tensor]:
-    """One micro-batch: one CLIP forward, the student (with grad), the teacher (no grad; or its cached tensors),
-    and the Align-KD terms (nothing is backpropagated here)."""
-    ids = batch["input_ids"].to(device)
-    mask = batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
-    images = batch["images"].to(device, dtype)
-    has_image = batch["has_image"].to(device)
-    feats = student.encode_images(images[has_image]) if bool(has_image.any()) else None
-    s = student(ids, mask, labels=labels, image_features=feats, compute_logits=False)
-    kd_batch = KDBatch(labels=s.mm.labels, attention_mask=s.mm.attention_mask, vision_mask=s.mm.vision_mask,
-                       text_mask=s.mm.text_mask, has_image=s.mm.has_image, vision_start=s.mm.vision_start)
-    s_side = KDSide(s.hidden_states, student.lm_head.weight, s.q0, s.k0, s.mm.vision_tokens)
-    t_side = None
-    if cache is not None:  # the teacher's tensors of these samples, stored by --cache-teacher
-        t_side = cache.teacher_side(batch["index"], kd_batch, device, dtype)
-    elif teacher is not None:
-        with torch.no_grad():
-            t_feats = feats if shared_vision or feats is None else teacher.encode_images(images[has_image])
-            t = teacher(ids, mask, image_features=t_feats, compute_logits=False)
-        t_side = KDSide(t.hidden_states, teacher.lm_head.weight, t.q0, t.k0, t.mm.vision_tokens)
-    return loss_fn(s_side, t_side, kd_batch, distill=distill, separate=separate)
-
-
-def clip_gradients(student_params: list, adapters: list, max_norm: float) -> tuple[float, float | None]:
-    """Clip the student's and the Align-KD adapters' gradients each to `max_norm`, separately: one shared norm would
-    let the adapters' gradients (large under a heavily weighted term) shrink the student's update. Returns the two
-    norms before clipping (None without adapters)."""
-    s = float(torch.nn.utils.clip_grad_norm_(student_params, max_norm))
-    a = float(torch.nn.utils.clip_grad_norm_(adapters, max_norm)) if adapters else None
-    return s, a
-
-
-def probe_term_grads(student: MobileVLM, teacher: MobileVLM | None, loss_fn: AlignKDLoss, batch: dict,
-                     device: torch.device, dtype: torch.dtype, shared_vision: bool, cache, distill: bool
-                     ) -> dict[str, float]:
-    """L2 norm of each weighted term's gradient on the student's trainable parameters (adapters excluded), from a
-    separate forward of one micro-batch; nothing is accumulated into .grad."""
-    params = [p for p in student.parameters() if p.requires_grad]
-    terms = distill_forward(student, teacher, loss_fn, batch, device, dtype, shared_vision, cache, distill,
-                            separate=True)
-    norms = {}
-    for k in TERMS[1:]:
-        t = terms.get(k)
-        if t is None or not t.requires_grad:
-            norms[k] = 0.0
-            continue
-        grads = torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
-        norms[k] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
-    return norms
-
-
-# ---- main -------------------------------------------------------------------------------------------------------------
 
 class StopRequest:
     """SIGINT/SIGTERM while training: the first asks the loop to save and stop after the current optimizer step (a
@@ -536,151 +547,54 @@ def main(argv: list[str] | None = None) -> dict:
     cache = prepare_teacher_cache(args, dataset, tokenizer, (json_path, image_folder, template, image_mode), device,
                                   dtype) if args.cache_teacher else None
 
-    # models
-    student = load_model(args.student, args, dtype, "student")
-    teacher, shared_vision = None, False
-    distill = not args.no_distill  # from the live teacher, or from the cache
-    if distill and cache is None:
-        teacher = load_frozen_teacher(args, device, dtype, tokenizer)
-        if same_vision_tower(student, teacher):
-            log.info("vision towers are identical: one CLIP forward feeds both models")
-            teacher.model.vision_tower = student.model.vision_tower
-            shared_vision = True
-        else:
-            log.info("vision towers differ: each model runs its own CLIP")
-        teacher.enable_qk_capture()
-    student.enable_qk_capture()
-    if args.lora_r:
-        apply_lora(student, args.lora_r)
-        log.info(f"LoRA r={args.lora_r}: trainable {lora_parameter_counts(student)}")
-    if args.train_vision_tower:
-        student.vision_tower.set_trainable(True)
-    if not args.no_checkpointing:
-        student.enable_activation_checkpointing()
-    student.train()
-    t_shape = cache or teacher or student  # heads and width of the teacher (the student's for the baseline)
-    loss_fn = AlignKDLoss(
-        teacher_heads=t_shape.num_heads, student_heads=student.num_heads,
-        teacher_dim=t_shape.hidden_size, student_dim=student.hidden_size,
-        w_logit=args.w_logit, w_attn=args.w_attn, w_proj_all=args.w_proj_all, w_proj_focus=args.w_proj_focus,
-        topk=args.topk, kl=args.kl, temperature=args.temperature, backend=args.backend, attn_form=args.attn_form,
-        proj_side=args.proj_side).to(device)
-
-    # optimizer: LLM at --lr, projector and adapters (and a trained vision tower) at --projector-lr
-    proj_params = list(student.mm_projector.parameters())
-    if args.train_vision_tower:
-        proj_params += list(student.vision_tower.parameters())
-    proj_ids = {id(p) for p in proj_params}
-    llm_params = [p for p in student.parameters() if p.requires_grad and id(p) not in proj_ids]
-    groups = [{"params": llm_params, "lr": args.lr},
-              {"params": proj_params, "lr": args.projector_lr}]
-    adapters = list(loss_fn.parameters()) if distill else []
-    if adapters:
-        groups.append({"params": adapters, "lr": args.projector_lr})
-    use_masters = args.master_weights == "fp32" or (args.master_weights == "auto" and dtype != torch.float32
-                                                         and not args.lora_r)
-    masters = MasterWeights(groups) if use_masters else None
-    opt = make_optimizer(masters.groups if masters else groups, args, device)
+    # models, objective, optimizer
+    models = build_models(args, tokenizer, cache, device, dtype)
     micro_per_epoch = max(1, len(dataset) // args.batch_size)
     total = args.max_steps or max(1, int(args.epochs * micro_per_epoch / args.grad_accum))
-    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total), total)  # as MobileVLM trains
+    optim = build_optimizer(args, models, total)
 
     # resume
-    step, epoch, offset, skipped = 0, 0, 0, Counter()
+    step, pos = 0, Position()
     if args.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            pointed = out / (out / "latest").read_text().strip() if (out / "latest").exists() else None
-            if pointed is not None and (pointed / "trainer_state.pt").exists():
-                raise SystemExit(f"error: --resume: {pointed} has no trainer_state.json (an older checkpoint format, "
-                                 f"whose trainer_state.pt is not loaded: it needs unrestricted unpickling)")
-            raise SystemExit(f"error: --resume but {out} has no complete checkpoint")
-        if is_lora(student):
-            student.load_state_dict(load_tensors(ckpt / "lora_trainable.pt", device), strict=False)
-        else:
-            try:
-                resumed = MobileVLM.from_pretrained(ckpt, vision_tower=args.vision_tower, dtype=dtype,
-                                                    device=args.device)  # weights_only=True (model/checkpoint.py)
-            except pickle.UnpicklingError:
-                raise SystemExit(f"error: {ckpt} is refused: its weights hold more than tensors") from None
-            student.load_state_dict(resumed.state_dict())
-            del resumed
-        if distill:
-            loss_fn.load_state_dict(load_tensors(ckpt / "alignkd_adapters.pt", device))
-        st = load_tensors(ckpt / "trainer_state.pt", "cpu")
-        try:
-            info = json.loads((ckpt / "trainer_state.json").read_text())
-        except (ValueError, OSError) as e:
-            raise SystemExit(f"error: cannot read {ckpt / 'trainer_state.json'}: {e}") from None
-        if masters is not None:
-            if (ckpt / "master_weights.pt").exists():
-                masters.load_masters(load_tensors(ckpt / "master_weights.pt", device))
-            else:
-                masters.load_masters([p.detach() for p, m in masters.pairs if m is not p])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        step, epoch, offset, skipped = info["step"], info["epoch"], info["offset"], Counter(info["skipped"])
-        torch.set_rng_state(st["torch_rng"]), set_rng_state_json(info["rng"])
+        ckpt = resume_checkpoint(out)
+        info = load_checkpoint(ckpt, models.student, models.loss_fn if models.distill else None, optim.opt,
+                               optim.sched, optim.masters, args.vision_tower, device, dtype)
+        step, pos = info["step"], Position(info["epoch"], info["offset"], Counter(info["skipped"]))
         dropped = trim_log(out / "log.jsonl", step)
         if dropped:
             log.info(f"log.jsonl: {dropped} records after step {step} (written after the last checkpoint) removed")
         unfinished = remove_unfinished_saves(out)
         if unfinished:
             log.info(f"removed {', '.join(unfinished)}: a save that was killed before it completed")
-        log.info(f"resumed from {ckpt} at step {step} (epoch {epoch}, sample {offset})")
+        log.info(f"resumed from {ckpt} at step {step} (epoch {pos.epoch}, sample {pos.offset})")
     elif args.overwrite:
         clear_run(out)
 
-    def batches():
-        nonlocal epoch, offset
-        # reading the cache needs each row's dataset index ("index" in the batch)
-        data, collate = ((IndexedDataset(dataset), IndexedCollator(tokenizer.pad_token_id)) if cache else
-                         (dataset, Collator(tokenizer.pad_token_id)))
-        while True:
-            sampler = EpochSampler(len(dataset), args.seed, epoch, offset)
-            # workers ignore SIGINT/SIGTERM: a stop sent to the process group is this process's to handle
-            loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler,
-                                                 collate_fn=collate, num_workers=args.num_workers,
-                                                 persistent_workers=False, worker_init_fn=ignore_stop_signals)
-            whole_pass, usable, pass_skips = offset == 0, False, Counter()
-            with contextlib.closing(iterate_loader(loader)) as loader_batches:  # closing this closes the workers
-                for batch in loader_batches:
-                    offset += args.batch_size
-                    usable = usable or "input_ids" in batch
-                    pass_skips.update(batch["skipped"])
-                    yield batch
-            if whole_pass and not usable:  # another epoch would yield nothing either
-                why = (", ".join(f"{k} {v}" for k, v in sorted(pass_skips.items())) if pass_skips else
-                       "none; the file holds no records")
-                raise SystemExit(f"error: no usable sample in {json_path} (skipped: {why})")
-            epoch, offset = epoch + 1, 0
-
+    terms = logged_terms()  # loss, ce and every registered term: log.jsonl, the progress bar, the summary
     start_step = step
-    stream = batches()
+    stream = batch_stream(dataset, tokenizer, args, pos, cache is not None, json_path)
     log_file = open(out / "log.jsonl", "a" if args.resume else "w")  # a new run: no checkpoint, no earlier records
-    pbar = tqdm(total=total, initial=step, desc="align-kd" if distill else "fine-tune", dynamic_ncols=True)
+    pbar = tqdm(total=total, initial=step, desc="align-kd" if models.distill else "fine-tune", dynamic_ncols=True)
     history, t0, tokens = [], time.time(), 0
+
     def accumulate(sums: Counter, probe: dict | None) -> int:
         """Forward/backward of --grad-accum micro-batches; returns the number of real tokens."""
         n_tokens = 0
         for _ in range(args.grad_accum):
             batch = next(stream)
-            skipped.update(batch["skipped"])
+            pos.skipped.update(batch["skipped"])
             while "input_ids" not in batch:  # every sample of this batch was skipped
                 batch = next(stream)
-                skipped.update(batch["skipped"])
+                pos.skipped.update(batch["skipped"])
             if probe is not None and not probe:  # the step's first micro-batch, before its own backward
-                probe.update(probe_term_grads(student, teacher, loss_fn, batch, device, dtype, shared_vision, cache,
-                                              distill))
-            terms = distill_forward(student, teacher, loss_fn, batch, device, dtype, shared_vision, cache, distill)
-            (terms["loss"] / args.grad_accum).backward()
-            for k in TERMS:
-                sums[k] += terms[k].detach().item() / args.grad_accum
+                probe.update(probe_term_grads(models, batch))
+            for k, v in micro_step(models, batch, args.grad_accum).items():
+                sums[k] += v
             n_tokens += int(batch["attention_mask"].sum())
         return n_tokens
 
     def evaluate(record: dict) -> None:
-        record.update(heldout.evaluate(student))
+        record.update(heldout.evaluate(models.student))
         evals.append(record)
         pbar.set_postfix_str(f"held-out acc {record['eval_acc']:.3f} CE {record['eval_ce']:.3f}", refresh=False)
         log.info(f"step {record['step']}: held-out exact match {record['eval_acc']:.3f}, answer CE "
@@ -692,7 +606,6 @@ def main(argv: list[str] | None = None) -> dict:
         evaluate(record)
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
-    student_params = [p for g in groups[:2] for p in g["params"]]
     # log lines above the bar, not inside it; the bar is closed before an error line is printed. The data stream is
     # closed on the way out, however the loop ends: that shuts its DataLoader workers down (data/workers.py)
     with pbar, contextlib.closing(stream), StopRequest() as stop_request, logging_redirect_tqdm():
@@ -703,20 +616,14 @@ def main(argv: list[str] | None = None) -> dict:
                 tokens += accumulate(sums, probe)
             except torch.OutOfMemoryError:
                 raise SystemExit(oom_message(args, device)) from None
-            grad_norm, adapter_norm = clip_gradients(student_params, adapters, args.max_grad_norm)
-            if masters is not None:
-                masters.step(opt)
-            else:
-                opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            grad_norm, adapter_norm = optimizer_step(optim, args.max_grad_norm)
             step += 1
-            bad = [k for k in TERMS if not math.isfinite(sums[k])]
+            bad = [k for k in terms if not math.isfinite(sums[k])]
             if bad:
                 raise SystemExit(f"error: non-finite loss terms {bad} at step {step}; last checkpoint is kept")
-            record = {"step": step, **{k: sums[k] for k in TERMS}, "lr": sched.get_last_lr()[0],
+            record = {"step": step, **{k: sums[k] for k in terms}, "lr": optim.sched.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.time() - t0),
-                      "skipped": dict(skipped), "epoch": epoch}
+                      "skipped": dict(pos.skipped), "epoch": pos.epoch}
             if adapter_norm is not None:
                 record["adapter_grad_norm"] = float(adapter_norm)
             if probe:
@@ -728,13 +635,14 @@ def main(argv: list[str] | None = None) -> dict:
             if step % args.log_every == 0 or step == total or "eval_acc" in record or probe:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-                pbar.set_postfix({k: f"{sums[k]:.3g}" for k in TERMS}
-                                 | ({"skip": sum(skipped.values())} if skipped else {}))
+                pbar.set_postfix({k: f"{sums[k]:.3g}" for k in terms}
+                                 | ({"skip": sum(pos.skipped.values())} if pos.skipped else {}))
             pbar.update(1)
             if step % args.save_every == 0 or step == total or stop:
-                state = {"step": step, "epoch": epoch, "offset": offset, "skipped": dict(skipped), "args": vars(args)}
-                save_checkpoint(out, step, student, loss_fn if distill else None, opt, sched, state, tok_dir,
-                                args.keep, masters)
+                state = {"step": step, "epoch": pos.epoch, "offset": pos.offset, "skipped": dict(pos.skipped),
+                         "args": vars(args)}
+                save_checkpoint(out, step, models.student, models.loss_fn if models.distill else None, optim.opt,
+                                optim.sched, state, tok_dir, args.keep, optim.masters)
             if stop:
                 why = (signal.Signals(stop_request.signum).name if stop_request.signum else
                        f"after {args.stop_after} steps (--stop-after)")
@@ -742,16 +650,15 @@ def main(argv: list[str] | None = None) -> dict:
                 break
     pbar.close()
     log_file.close()
-    if skipped:
-        log.info("skipped samples: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+    if pos.skipped:
+        log.info("skipped samples: " + ", ".join(f"{k} {v}" for k, v in sorted(pos.skipped.items())))
     if history:
         first, last = history[0], history[-1]
         log.info("loss terms, first -> last step: " +
-                 ", ".join(f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in TERMS))
+                 ", ".join(f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in terms))
     log.info(f"checkpoint: {latest_checkpoint(out)}")
-    return {"history": history, "evals": evals, "skipped": dict(skipped), "checkpoint": str(latest_checkpoint(out)),
-            "signal": stop_request.signum}
-
+    return {"history": history, "evals": evals, "skipped": dict(pos.skipped),
+            "checkpoint": str(latest_checkpoint(out)), "signal": stop_request.signum}
 
 if __name__ == "__main__":
     try:

@@ -30,7 +30,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import demo  # noqa: E402
-from train_alignkd import TERMS, main  # noqa: E402
+from losses import TERMS, flag, logged_terms  # noqa: E402
+from train_alignkd import main  # noqa: E402
 
 WEIGHTS_1 = ["--w-attn", "1", "--w-proj-all", "1", "--w-proj-focus", "1"]
 PAPER = ["--attn-form", "mse", "--proj-side", "teacher", *WEIGHTS_1]
@@ -56,6 +57,12 @@ QUICK_ARMS = ("ce_only", "logit", "paper_full", "new_full")
 BASELINE = "logit"
 
 
+def all_arms() -> dict[str, list[str]]:
+    """ARMS, plus two arms per registered loss term on top of the trainer's defaults: +NAME (at weight 1) and -NAME
+    (at weight 0)."""
+    return ARMS | {f"{sign}{name}": [flag(name), w] for name in TERMS for sign, w in (("+", "1"), ("-", "0"))}
+
+
 def run_arm(assets: dict, out: Path, arm: str, seed: int, steps: int, batch: int, lr: float, eval_limit: int | None,
             probe: str) -> dict:
     student = demo.make_student(out / f"student_init_seed{seed}", assets, seed=100 + seed)
@@ -65,9 +72,9 @@ def run_arm(assets: dict, out: Path, arm: str, seed: int, steps: int, batch: int
         return json.loads(result_file.read_text())
     t0 = time.time()
     argv = demo.student_argv(assets, student, run_dir, seed, steps, batch, lr, eval_limit=eval_limit)
-    run = main(argv + ARMS[arm] + ["--probe-grads", probe, "--log-every", str(steps), "--no-eval-at-start", "--overwrite"])
+    run = main(argv + all_arms()[arm] + ["--probe-grads", probe, "--log-every", str(steps), "--no-eval-at-start", "--overwrite"])
     last = run["evals"][-1]
-    probes = {r["step"]: {"terms": {k: r[k] for k in TERMS[1:]}, "grad_norms": r["grad_norms"]}
+    probes = {r["step"]: {"terms": {k: r[k] for k in logged_terms()[1:]}, "grad_norms": r["grad_norms"]}
               for r in run["history"] if "grad_norms" in r}
     result = {"arm": arm, "seed": seed, "acc": last["eval_acc"], "ce": last["eval_ce"], "n": last["eval_n"],
               "probes": probes, "seconds": time.time() - t0}
@@ -121,11 +128,12 @@ def table(summary: dict, seeds: list[int]) -> str:
 
 
 def shares_table(shares: dict, arm: str) -> str:
+    names = logged_terms()[1:]
     lines = [f"`{arm}`: term value / gradient norm on the student / share of the summed norms, mean over seeds",
-             "", "| step | " + " | ".join(TERMS[1:]) + " |", "|---" * (len(TERMS)) + "|"]
+             "", "| step | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for step, terms in sorted(shares.items(), key=lambda kv: int(kv[0])):
         cells = [f"{terms[k]['value']:.3g} / {terms[k]['grad_norm']:.3g} / {100 * terms[k]['share']:.1f}%"
-                 for k in TERMS[1:]]
+                 for k in names]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -159,7 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ablate")
     p.add_argument("--assets", default="runs/alignkd/demo_assets", help="the demo's world and teacher (made if absent)")
-    p.add_argument("--arms", default=None, help=f"comma-separated, from {', '.join(ARMS)}")
+    p.add_argument("--arms", default=None, help=f"comma-separated, from {', '.join(all_arms())}")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=demo.STUDENT_STAGE[0])
     p.add_argument("--batch-size", type=int, default=demo.STUDENT_STAGE[1])
@@ -173,9 +181,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.arms = args.arms or ",".join(QUICK_ARMS)
         args.seeds, args.steps, args.eval_limit = 1, args.steps // 3, args.eval_limit or 120
     args.arms = (args.arms or ",".join(DEFAULT_ARMS)).split(",")
-    unknown = [a for a in args.arms if a not in ARMS]
+    unknown = [a for a in args.arms if a not in all_arms()]
     if unknown:
-        raise SystemExit(f"error: unknown arms {unknown}; choose from {', '.join(ARMS)}")
+        raise SystemExit(f"error: unknown arms {unknown}; choose from {', '.join(all_arms())}")
     args.probe = args.probe or f"1,{args.steps // 2},{args.steps}"
     return args
 

@@ -23,11 +23,11 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.benchmarks import BENCHMARKS, limit_questions, load_questions  # noqa: E402
+from evaluation.benchmarks import BENCHMARKS, limit_questions, load_questions  # noqa: E402
 from data.constants import NUM_IMAGE_TOKENS  # noqa: E402
 from data.images import process_image  # noqa: E402
 from data.templates import build_prompt  # noqa: E402
-from eval import DTYPES, load_model  # noqa: E402
+from eval import DTYPES, load_eval_model  # noqa: E402
 from model.generation import greedy_generate, length_sorted_batches  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = args.dtype or ("fp16" if cuda else "fp32")
     if args.tiny:
         from data.synthetic import make_demo_tokenizer
-        from data.synthetic_benchmarks import make_synthetic_benchmarks
+        from evaluation.synthetic_benchmarks import make_synthetic_benchmarks
         from data.tokenizer import load_tokenizer
         from model import MobileVLM
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if args.model is None or args.data_root is None:
             raise SystemExit("pass --model and --data-root (or --tiny)")
-        model, tokenizer = load_model(args.model, dtype, args.vision_tower)
+        model, tokenizer = load_eval_model(args.model, dtype, args.vision_tower)
         root, model_name = args.data_root, str(args.model)
 
     questions = limit_questions(load_questions(args.bench, root), args.n)

@@ -13,13 +13,14 @@ of a 32-token question and a 96-token supervised answer), all samples of a batch
 One step = one micro-batch forward + backward + gradient clipping + optimizer step (grad accumulation 1).
 
 Configurations (all in one run, on the same GPU):
- (a) this project's step, the code path of train_alignkd.py: NF4 double-quant teacher made from the in-memory bf16
-     model with model.quantize.quantize_model (bf16 copy freed), one CLIP shared by both models (checked with the
-     trainer's same_vision_tower), bf16 student with activation checkpointing, layer-0 q/k capture, SDPA in every
-     layer, AlignKDLoss(backend="auto": Triton attention-alignment / projection kernels, Liger chunked CE + KL),
-     the trainer's parameter groups, fp32 master weights of the bf16 student stepped in chunks (model.master_weights;
-     --master-weights auto/fp32/none as the trainer's flag), bitsandbytes PagedAdamW8bit from the trainer's
-     make_optimizer, its LR schedule, gradient clipping at 1.0.
+ (a) this project's step, built and stepped by the trainer's own functions (train_alignkd.prepare_models,
+     build_optimizer, micro_step, optimizer_step) with the paper's objective (every term at weight 1, --attn-form
+     mse): NF4 double-quant teacher made from the in-memory bf16 model with model.quantize.quantize_model (bf16 copy
+     freed), one CLIP shared by both models, bf16 student with activation checkpointing, layer-0 q/k capture, SDPA
+     in every layer, AlignKDLoss(backend="auto": Triton attention-alignment / projection kernels, Liger chunked CE +
+     KL), the trainer's parameter groups, fp32 master weights of the bf16 student stepped in chunks
+     (--master-weights auto/fp32/none as the trainer's flag), bitsandbytes PagedAdamW8bit, the trainer's LR
+     schedule, gradient clipping at 1.0 (student and adapters separately, as the trainer).
  (b) the original approach (benchmark-only; the product never does this): fp16 teacher not quantized, with its own
      CLIP; fp16 student with activation checkpointing; eager attention with output_attentions=True in every layer of
      both models; full-vocab fp16 logits of both; CE on the fp16 logits; KD as the original computes it (soft CE
@@ -64,12 +65,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
 
 # the repo root first: run as a script, sys.path[0] is bench/, whose kernels.py would shadow the kernels package
 _ROOT = str(Path(__file__).resolve().parents[1])
@@ -80,17 +79,19 @@ from bench._common import (  # noqa: E402
     teacher_config, tiny_configs, versions,
 )
 from data.constants import IGNORE_INDEX, NUM_IMAGE_TOKENS  # noqa: E402
-from kernels.alignkd_loss import AlignKDLoss  # noqa: E402
-from model.master_weights import MasterWeights  # noqa: E402
 from model.quantize import model_bytes, quantize_model  # noqa: E402
-from train_alignkd import TERMS, distill_forward, make_optimizer, same_vision_tower  # noqa: E402
+from train_alignkd import build_optimizer, micro_step, optimizer_step, prepare_models  # noqa: E402
+from train_alignkd import parse_args as parse_trainer_args  # noqa: E402
 
 CONFIGS = {
     "a": "this project's step (NF4 teacher, shared CLIP, fused losses, fp32 masters + 8-bit paged AdamW)",
     "b": "original approach (fp16 teacher, eager + output_attentions everywhere, fp16 full logits, fp32 AdamW)",
     "c": "layer-0-only PyTorch baseline (as (a) but kernels.reference losses and full-vocab logit KD)",
 }
-LR, PROJECTOR_LR, MAX_GRAD_NORM = 2e-5, 1e-3, 1.0
+# (a)/(c): the trainer's flags for MobileVLM's stage 2 with every Align-KD term on (the paper's objective)
+TRAINER_FLAGS = ["--lr", "2e-5", "--projector-lr", "1e-3", "--max-grad-norm", "1", "--optim", "adamw8bit",
+                 "--attn-form", "mse", "--w-attn", "1", "--w-proj-all", "1", "--w-proj-focus", "1"]
+LR, MAX_GRAD_NORM = 2e-5, 1.0  # (b), as the trainer's flags above
 
 FLOP_FORMULA = (
     "FLOPs(a) = (6 + 2r) * P_s * T + (3 + r) * A_s + 6 * V * d_s * N + 2 * P_t * T + A_t + 2 * V * d_t * N "
@@ -177,9 +178,9 @@ def batch_stats(batch: dict) -> tuple[int, int]:
 # (a) and (c): the trainer's step
 
 
-def build_project_models(s_cfg, t_cfg, device, dtype, seed):
-    """NF4 teacher (from an in-memory random bf16 model, which is then freed), bf16 student, shared CLIP: as
-    train_alignkd.main builds them. Returns (student, teacher, memory info)."""
+def build_project_models(s_cfg, t_cfg, device, dtype, seed, trainer_args):
+    """NF4 teacher (from an in-memory random bf16 model, which is then freed) and bf16 student with one CLIP, made
+    ready by the trainer's prepare_models. Returns (the trainer's Models, memory info)."""
     info = {}
     base = allocated(device)
     if base is not None:
@@ -190,18 +191,14 @@ def build_project_models(s_cfg, t_cfg, device, dtype, seed):
     del t_src
     flush(device)
     student = random_model(s_cfg, device, seed + 1, dtype)
-    # MobileVLM V2-1.7B and -7B carry the same frozen CLIP; the trainer checks it and keeps one copy
+    # MobileVLM V2-1.7B and -7B carry the same frozen CLIP, which the trainer then keeps once
     student.vision_tower.load_state_dict(teacher.vision_tower.state_dict())
-    if not same_vision_tower(student, teacher):
-        raise RuntimeError("vision towers differ after copying the weights")
-    teacher.model.vision_tower = student.model.vision_tower
-    flush(device)
-    teacher.enable_qk_capture()
-    student.enable_qk_capture()
     student.requires_grad_(True)
     student.model.vision_tower.requires_grad_(False)
-    student.enable_activation_checkpointing()
-    student.train()
+    models = prepare_models(trainer_args, student, teacher, None, device, dtype)
+    if not models.shared_vision:
+        raise RuntimeError("vision towers differ after copying the weights")
+    flush(device)
     clip = model_bytes(student.vision_tower)
     info.update(dtype=str(dtype).replace("torch.", ""), teacher_nf4_bytes=model_bytes(teacher) - clip,
                 student_bytes=model_bytes(student) - clip,
@@ -209,47 +206,28 @@ def build_project_models(s_cfg, t_cfg, device, dtype, seed):
     if base is not None:  # the bench's own setup peak (bf16 teacher + its NF4 copy); the trainer streams from disk
         info["weights_cuda_alloc"] = allocated(device) - base
         info["build_peak_alloc_gib"] = gib(torch.cuda.max_memory_allocated(device))
-    return student, teacher, info
+    return models, info
 
 
-def project_micro_step(student, teacher, loss_fn, batch, device, dtype, shared_vision=True) -> dict:
-    """One micro-batch of train_alignkd (grad_accum 1): its own distill_forward, then backward."""
-    terms = distill_forward(student, teacher, loss_fn, batch, device, dtype, shared_vision)
-    terms["loss"].backward()
-    return {k: terms[k].detach().item() for k in TERMS}
+def project_micro_step(models, batch: dict) -> dict:
+    """One micro-batch of the trainer (grad_accum 1): its forward and backward."""
+    return micro_step(models, batch, grad_accum=1)
 
 
 class ProjectState:
-    """The trainer's optimizer side, as train_alignkd.main builds and steps it: its parameter groups, fp32 master
-    weights (model.master_weights, chunked steps) when the student is bf16 (--master-weights auto), make_optimizer
-    (bitsandbytes PagedAdamW8bit) and the LR schedule. Built once for (a) and (c): bitsandbytes never frees paged
-    optimizer memory, so one optimizer serves every measurement."""
+    """The trainer's optimizer side (build_optimizer: its parameter groups, fp32 master weights of a bf16 student,
+    PagedAdamW8bit, its LR schedule) and its optimizer_step. Built once for (a) and (c): bitsandbytes never frees
+    paged optimizer memory, so one optimizer serves every measurement."""
 
-    def __init__(self, student, loss_fn, device, dtype, optim: str, master_weights: str):
-        proj_params = list(student.mm_projector.parameters())
-        proj_ids = {id(p) for p in proj_params}
-        llm_params = [p for p in student.parameters() if p.requires_grad and id(p) not in proj_ids]
-        self.groups = [{"params": llm_params, "lr": LR}, {"params": proj_params, "lr": PROJECTOR_LR},
-                       {"params": list(loss_fn.parameters()), "lr": PROJECTOR_LR}]
-        self.params = [p for g in self.groups for p in g["params"]]
-        use_masters = master_weights == "fp32" or (master_weights == "auto" and dtype != torch.float32)
-        self.masters = MasterWeights(self.groups) if use_masters else None
-        self.opt = make_optimizer(self.masters.groups if self.masters else self.groups,
-                                  SimpleNamespace(optim=optim, weight_decay=0.0), device)
-        self.sched = get_cosine_schedule_with_warmup(self.opt, 300, 10_000)
+    def __init__(self, trainer_args, models):
+        self.optim = build_optimizer(trainer_args, models, total=10_000)
+        self.opt, self.masters, self.max_grad_norm = self.optim.opt, self.optim.masters, trainer_args.max_grad_norm
 
     def master_bytes(self) -> int:
         return tensor_bytes(self.masters.masters()) if self.masters else 0
 
     def step(self) -> float:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
-        if self.masters is not None:
-            self.masters.step(self.opt)
-        else:
-            self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return optimizer_step(self.optim, self.max_grad_norm)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -511,16 +489,15 @@ def run_original(args, s_cfg, t_cfg, device, dtype, results, setup) -> None:
 def run_project(args, s_cfg, t_cfg, device, dtype, results, setup, peak_tflops) -> None:
     configs = [c for c in ("a", "c") if c in args.configs]
     state = None
+    trainer_args = parse_trainer_args([*TRAINER_FLAGS, "--master-weights", args.master_weights, "--device", device.type])
     try:
-        student, teacher, info = build_project_models(s_cfg, t_cfg, device, dtype, args.seed)
-        loss_fn = AlignKDLoss(teacher_heads=teacher.num_heads, student_heads=student.num_heads,
-                              teacher_dim=teacher.hidden_size, student_dim=student.hidden_size,
-                              backend="auto").to(device)
-        state = ProjectState(student, loss_fn, device, dtype, "adamw8bit", args.master_weights)
+        models, info = build_project_models(s_cfg, t_cfg, device, dtype, args.seed, trainer_args)
+        student, teacher, loss_fn = models.student, models.teacher, models.loss_fn
+        state = ProjectState(trainer_args, models)
     except RuntimeError as exc:
         if not is_oom(exc):
             raise
-        student = teacher = loss_fn = state = None
+        models = student = teacher = loss_fn = state = None
     if state is None:
         setup["a_c"] = {}
         setup_oom([(c, L, B) for c in configs for L in args.lengths for B in args.batches],
@@ -546,7 +523,7 @@ def run_project(args, s_cfg, t_cfg, device, dtype, results, setup, peak_tflops) 
                         m.qk_capture.clear()
 
                 rec = measure(config, L, B, device, args.warmup, args.iters,
-                              lambda b: project_micro_step(student, teacher, loss_fn, b, device, dtype), state,
+                              lambda b: project_micro_step(models, b), state,
                               batch, cleanup)
                 if config == "a":
                     n_sup, n_img = rec["supervised_rows"], rec["images"]
@@ -562,7 +539,7 @@ def run_project(args, s_cfg, t_cfg, device, dtype, results, setup, peak_tflops) 
                 print(_progress(rec), flush=True)
     plain, paged = optimizer_state_bytes(state.opt)
     setup["a_c"].update(optimizer_state_bytes=plain, paged_optimizer_state_bytes=paged)
-    del student, teacher, loss_fn, state
+    del models, student, teacher, loss_fn, state
     flush(device)
 
 

@@ -6,10 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .constants import IMAGE_SIZE
+from .constants import CLIP_MEAN, CLIP_STD, IMAGE_SIZE
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_FILL = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104)
 IMAGE_MODES = ("pad", "square")
 

@@ -1,7 +1,7 @@
 """alignkd's Align-KD losses: one public API, dispatched to Triton or to the reference.
 
-    attention_alignment_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None) -> scalar
-    attention_alignment_and_focus(...same...) -> (scalar, [B, L] fp32)
+    attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None)
+        -> (scalar, [B, L] fp32)
     text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None) -> [B, L] float32
     attention_row_lse(q, k, row_mask, attention_mask=None) -> [B, H, L] float32
     attention_kl_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, mix, attention_mask=None) -> scalar
@@ -11,8 +11,8 @@
 Each takes a keyword ``backend="auto"|"triton"|"reference"`` (env ``ALIGNKD_BACKEND``); see ``kernels.dispatch``.
 The attention functions also take ``teacher_lse=`` (the teacher's ``attention_row_lse``): then only the vision columns
 of k_t are read, which is what the teacher cache stores.
-``kernels.reference`` holds the same names in plain PyTorch (the specification); ``kernels.alignkd_loss`` the
-``AlignKDLoss`` module with the trainable adapters.
+``kernels.reference`` holds the same names in plain PyTorch (the specification); the objective that uses them,
+``AlignKDLoss``, is in ``losses/``.
 
 Name clash, on purpose handled here: bitsandbytes and transformers probe for the Hugging Face hub package that is
 also called ``kernels`` (bitsandbytes: ``from kernels import get_kernel`` inside try/except; transformers:
@@ -34,7 +34,6 @@ import warnings as _warnings
 from .dispatch import (
     BACKENDS,
     attention_alignment_and_focus,
-    attention_alignment_loss,
     attention_kl_loss,
     attention_row_lse,
     chunked_cross_entropy,
@@ -50,7 +49,6 @@ ALIGNKD_LOCAL_KERNELS = True  # marker: this is alignkd's package, not the Huggi
 __all__ = [
     "BACKENDS",
     "attention_alignment_and_focus",
-    "attention_alignment_loss",
     "attention_kl_loss",
     "attention_row_lse",
     "chunked_cross_entropy",

@@ -26,7 +26,7 @@ from . import reference
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "ALIGNKD_BACKEND"
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the target the losses skip (PyTorch's ignore_index); the labels use it
 DEFAULT_CHUNK_ROWS = 1024
 
 _warned: set[str] = set()
@@ -87,17 +87,6 @@ def attention_alignment_and_focus(q_t, k_t, q_s, k_s, text_mask, vision_mask, we
                                                        attention_mask, teacher_lse)
     return fn(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask, need_focus=True,
               need_loss=True, teacher_lse=teacher_lse)
-
-
-def attention_alignment_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask=None, *,
-                             teacher_lse=None, backend=None):
-    """L_attn (fp32 scalar); semantics of ``kernels.reference.attention_alignment_loss``."""
-    fn = _triton_impl("attention_alignment", "attention_alignment_triton", q_s.device, backend)
-    if fn is None:
-        return reference.attention_alignment_loss(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias,
-                                                  attention_mask, teacher_lse)
-    return fn(q_t, k_t, q_s, k_s, text_mask, vision_mask, weight, bias, attention_mask, need_focus=False,
-              need_loss=True, teacher_lse=teacher_lse)[0]
 
 
 def text_focus(q_t, k_t, text_mask, vision_mask, attention_mask=None, *, teacher_lse=None, backend=None):
@@ -213,7 +202,7 @@ def _beta(kind: str) -> float:
     return 0.0 if kind == "forward" else 1.0
 
 
-def _zero_like_graph(*tensors) -> torch.Tensor:
+def zero_like_graph(*tensors) -> torch.Tensor:
     """An exact fp32 zero connected to every tensor that requires grad (they get zero gradients)."""
     out = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
     for t in tensors:
@@ -238,7 +227,7 @@ def fused_logit_kd_and_ce(h_s, w_s, h_t, w_t, targets, kind="forward", temperatu
     _check_rows(h_s, w_s, h_t, w_t)
     beta = _beta(kind)
     if h_s.shape[0] == 0:
-        z = _zero_like_graph(h_s, w_s)
+        z = zero_like_graph(h_s, w_s)
         return z, z.detach(), z.detach()
     fn = _liger_or_none(backend)
     if fn is None:
@@ -265,7 +254,7 @@ def logit_kd_loss(h_s, w_s, h_t, w_t, kind="forward", temperature=1.0, *, backen
     _check_rows(h_s, w_s, h_t, w_t)
     beta = _beta(kind)
     if h_s.shape[0] == 0:
-        return _zero_like_graph(h_s, w_s)
+        return zero_like_graph(h_s, w_s)
     targets = torch.zeros(h_s.shape[0], dtype=torch.long, device=h_s.device)  # every row counts; no CE is computed
     return fn.apply(h_s.contiguous(), w_s, h_t.detach().contiguous(), w_t.detach(), targets, beta, temperature, 0.0,
                     1.0, int(chunk_rows), False)
@@ -324,7 +313,7 @@ def chunked_cross_entropy(h, w, targets, chunk_rows=DEFAULT_CHUNK_ROWS):
         raise ValueError(f"h [N, d], w [V, d], targets [N] expected, got {tuple(h.shape)}, {tuple(w.shape)}, "
                          f"{tuple(targets.shape)}")
     if h.shape[0] == 0:
-        return _zero_like_graph(h, w)
+        return zero_like_graph(h, w)
     return _ChunkedLinearCE.apply(h.contiguous(), w, targets.long(), int(chunk_rows))
 
 
@@ -333,7 +322,6 @@ __all__ = [
     "ENV_VAR",
     "resolve_backend",
     "attention_alignment_and_focus",
-    "attention_alignment_loss",
     "text_focus",
     "attention_row_lse",
     "attention_kl_loss",
@@ -341,4 +329,5 @@ __all__ = [
     "logit_kd_loss",
     "fused_logit_kd_and_ce",
     "chunked_cross_entropy",
+    "zero_like_graph",
 ]

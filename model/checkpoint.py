@@ -54,7 +54,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             yield from torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()
 
 
-def _clip_nested(model: nn.Module) -> bool:
+def clip_nested(model: nn.Module) -> bool:
     return hasattr(model.model.vision_tower.vision_tower, "vision_model")
 
 
@@ -70,7 +70,7 @@ def from_official(key: str, nested: bool) -> str:
     return key
 
 
-def _check_keys(expected: set[str], found: set[str], folder: Path) -> None:
+def check_keys(expected: set[str], found: set[str], folder: Path) -> None:
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
         def show(keys: list[str]) -> str:
@@ -83,7 +83,7 @@ def _check_keys(expected: set[str], found: set[str], folder: Path) -> None:
         raise KeyError(f"checkpoint {folder} does not match the MobileVLM V2 layout: " + "; ".join(parts))
 
 
-def _restore_buffers(model: nn.Module, device: torch.device | str) -> None:
+def restore_buffers(model: nn.Module, device: torch.device | str) -> None:
     """Non-persistent buffers are not in checkpoints: rebuild those that were created on the meta device."""
     with torch.device(device):
         model.model.rotary_emb = LlamaRotaryEmbedding(model.model.config)
@@ -103,7 +103,7 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    _restore_buffers(model, "cpu")
+    restore_buffers(model, "cpu")
     model.to(device)
     model.model.vision_tower.requires_grad_(False)
     return model
@@ -121,20 +121,23 @@ def load_mobilevlm(cls, path: str | Path, vision_tower: str | Path | None = None
     config = MobileVLMConfig.from_file(folder / "config.json")
     with torch.device("meta"):
         model = cls(config, vision_tower=vision_tower)
-    nested = _clip_nested(model)
+    nested = clip_nested(model)
     expected = set(model.state_dict().keys())
     state = {}
     for key, tensor in iter_tensors(weight_files(folder)):
         if key.endswith(IGNORED_SUFFIXES):
             continue
         state[from_official(key, nested)] = tensor
-    _check_keys(expected, set(state), folder)
+    check_keys(expected, set(state), folder)
     return _assign(model, state, dtype, device)
 
 
-def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    nested = _clip_nested(model)
-    return {to_official(k, nested): v for k, v in model.state_dict().items()}
+def official_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """The model's state dict (or `state_dict`, keyed like it) under the official MobileVLM names."""
+    nested = clip_nested(model)
+    own = state_dict if state_dict is not None else model.state_dict()
+    return {to_official(k, nested): v for k, v in own.items()}
 
 
 def save_mobilevlm(model: nn.Module, path: str | Path, safetensors: bool = False,
@@ -157,9 +160,7 @@ def save_mobilevlm(model: nn.Module, path: str | Path, safetensors: bool = False
     if own_clip:  # the original resolves a relative path against its working directory: write an absolute one
         config["mm_vision_tower"] = str(Path(final_path or folder).resolve() / CHECKPOINT_CLIP_FOLDER)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    nested = _clip_nested(model)
-    own = state_dict if state_dict is not None else model.state_dict()
-    state = {to_official(k, nested): v.detach().contiguous().cpu() for k, v in own.items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in official_state_dict(model, state_dict).items()}
     shards, current, size = [], {}, 0
     for k, v in state.items():
         nbytes = v.numel() * v.element_size()
@@ -219,7 +220,7 @@ def save_clip_folder(folder: Path, config, vision_state: dict[str, torch.Tensor]
     config that data/images.py implements."""
     from safetensors.torch import save_file
 
-    from data.images import CLIP_MEAN, CLIP_STD
+    from .constants import CLIP_MEAN, CLIP_STD
 
     if not vision_state:
         raise ValueError("no vision tower weights to write")
@@ -267,7 +268,7 @@ def init_from_llm(cls, llm_path: str | Path, vision_tower: str | Path, dtype: to
     config.fields["mm_hidden_size"] = config.vision_config().hidden_size
     with torch.device("meta"):
         model = cls(config)
-    nested = _clip_nested(model)
+    nested = clip_nested(model)
     state = {}
     for key, tensor in iter_tensors(weight_files(llm)):
         if not key.endswith(IGNORED_SUFFIXES):
@@ -279,5 +280,5 @@ def init_from_llm(cls, llm_path: str | Path, vision_tower: str | Path, dtype: to
     torch.manual_seed(seed)
     projector = LDPNetV2Projector(config.mm_hidden_size, config.hidden_size)
     state.update({"model.mm_projector." + k: v for k, v in projector.state_dict().items()})
-    _check_keys(set(model.state_dict().keys()), set(state), llm)
+    check_keys(set(model.state_dict().keys()), set(state), llm)
     return _assign(model, state, dtype, device)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from data.constants import EOS_TOKEN_ID, IMAGE_SIZE, PAD_TOKEN_ID
+from .constants import EOS_TOKEN_ID, IMAGE_SIZE, PAD_TOKEN_ID
 
 
 def _stack_images(images: Sequence[torch.Tensor | None]) -> torch.Tensor | None:

@@ -5,8 +5,8 @@
 `q_proj`/`k_proj`, not the `self_attn` module that holds `qk_capture`). Trainable afterwards: the LoRA A/B matrices
 of the targeted decoder linears (kept in fp32 even in a bf16 student, peft's default for `get_peft_model`; the layer
 casts its input to fp32 and its output back) and the whole LDPv2 projector; frozen: CLIP, embeddings, norms, lm_head
-and the base decoder weights. `merge_lora` folds the adapters into the base weights and removes the peft layers, so
-`save_pretrained` writes the official layout with exactly the keys of a model that never had LoRA.
+and the base decoder weights. `merged_state_dict` folds the adapters into the base weights under the plain layer
+names, so a checkpoint has exactly the keys of a model that never had LoRA.
 
 Why `inject_adapter_in_model(config, student.model)` and not on `student`: `get_peft_model` would wrap the model in
 a `PeftModel` (another forward, other attribute paths), and on the whole `MobileVLM` peft fails anyway: it treats any
@@ -14,11 +14,6 @@ module whose `.config` has a `model_type` as a transformers model and asks it fo
 (AttributeError on the plain nn.Module). `student.model` is a transformers `LlamaModel`, which peft handles
 natively. The target regex is anchored at `layers.N.`, so CLIP's own `q_proj/k_proj/v_proj` (under
 `vision_tower.`) are never adapted.
-
-Trainable parameters (counted on the real shapes, meta device): MobileVLM V2-1.7B student (MobileLLaMA-1.4B: 24
-layers, d 2048, FFN 5632) has 946,176 LoRA parameters per unit of r over the 7 targets (r=8: 7.57 M, r=64: 60.6 M,
-r=128: 121.1 M) plus the LDPv2 projector's 6.32 M, against 1.37 B trainable without LoRA (decoder + projector +
-embeddings + lm_head; CLIP frozen; 1.67 B parameters in all).
 """
 from __future__ import annotations
 
@@ -41,7 +36,7 @@ def apply_lora(student: nn.Module, r: int, alpha: float | None = None, dropout: 
     if r <= 0:
         raise ValueError(f"LoRA rank must be positive, got r={r}")
     if is_lora(student):
-        raise ValueError("the student already has LoRA adapters (merge_lora first)")
+        raise ValueError("the student already has LoRA adapters")
     target = tuple(target)
     if not target:
         raise ValueError("no LoRA target modules")
@@ -85,22 +80,6 @@ def is_lora(model: nn.Module) -> bool:
     return bool(_lora_layers(model))
 
 
-@torch.no_grad()
-def merge_lora(student: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (W += B A * alpha / r) and put the plain nn.Linear back; the state dict
-    then has the official keys again. The merged decoder weights stay frozen (requires_grad False)."""
-    layers = _lora_layers(student)
-    if not layers:
-        raise ValueError("the model has no LoRA adapters to merge")
-    for name, module in layers:
-        module.merge(safe_merge=True)  # raises on NaN/inf instead of writing them into the base weight
-        parent, _, child = name.rpartition(".")
-        setattr(student.get_submodule(parent), child, module.get_base_layer())
-    if hasattr(student.model, "peft_config"):
-        del student.model.peft_config
-    return student
-
-
 def lora_parameter_counts(student: nn.Module) -> dict[str, int]:
     """Parameter counts for the trainer's log: lora, projector, other trainable (should be 0), frozen, total."""
     counts = {"lora": 0, "projector": 0, "other_trainable": 0, "frozen": 0, "total": 0}
@@ -118,13 +97,14 @@ def lora_parameter_counts(student: nn.Module) -> dict[str, int]:
     return counts
 
 
-__all__ = ["DEFAULT_TARGETS", "apply_lora", "is_lora", "lora_parameter_counts", "merge_lora"]
+__all__ = ["DEFAULT_TARGETS", "apply_lora", "is_lora", "lora_parameter_counts", "merged_state_dict",
+           "trainable_state_dict"]
 
 
 @torch.no_grad()
 def merged_state_dict(student: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict the student would have after `merge_lora`, without touching the training model: what a
-    checkpoint saves in the official layout while training goes on."""
+    """The state dict of the student with every adapter folded into its base weight (W + B A * alpha / r) and the
+    plain layer names, without touching the training model: what a checkpoint saves in the official layout."""
     state = {}
     lora_modules = dict(_lora_layers(student))
     for name, tensor in student.state_dict().items():

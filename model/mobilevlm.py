@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaModel
 
-from data.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS
+from .constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS
 
 from .capture import ATTN_IMPLEMENTATION, QKCapture
 from .config import MobileVLMConfig, tiny_config

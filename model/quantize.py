@@ -15,27 +15,11 @@ How it is built (`load_teacher`):
    `compute_dtype` (bf16) and placed. The trainer passes `lm_head.weight` (a plain bf16 tensor) to the logit-KD loss.
 
 Host memory: the model is never materialized in bf16 on the host. With device="cuda" the host holds one checkpoint
-tensor at a time (the largest is embed_tokens or lm_head, 32000 x 4096 bf16 = 262 MB; `.bin` and safetensors files
-are memory-mapped, so their pages are reclaimable page cache, not process memory) and nothing else of the model;
-the GPU holds the result (4.5 GB for the 7B teacher, see below). With device="cpu" the host also holds the result.
-Measured on CPU with a 0.55 B-parameter model (hidden 2048, 8 layers, vocab 32000, 1.09 GB bf16 checkpoint): NF4
-load peaks at 659 MB of anonymous memory above the process baseline for a 483 MB result (the rest is the tensor
-in flight and quantization temporaries); resident checkpoint pages bring peak RSS to 1.47 GB. `quant="bf16"` streams
-the same way (a 7B on CUDA: 14.1 GB on the GPU, one tensor on the host; on CPU, with a checkpoint already in bf16,
-the tensors stay memory-mapped).
-
-Measured sizes (`model_bytes`: parameters + quant state, bitsandbytes 0.50.2 on CPU, right after loading; the
-NF4 layout is the same on CUDA):
-- tiny model (`MobileVLM.tiny()`, hidden 64, 2 layers, vocab 512): NF4 312,176 B vs bf16 418,432 B (0.75x); its
-  decoder linears alone 57,584 B vs 163,840 B (0.35x: each small linear carries a fixed 1 KB nested code table,
-  and the tiny model is dominated by its bf16 CLIP and embeddings).
-- real 7B shapes, quantized one linear at a time on CPU: 4096x4096 -> 8,655,940 B, 11008x4096 -> 23,260,996 B,
-  i.e. 0.5159 B/param (0.5 data + 1/64 uint8 absmax + nested absmax/code); all 224 decoder linears of Vicuna-7B
-  3.341e9 B. With embed_tokens + lm_head (bf16, 0.524e9 B), norms, LDPv2 projector (bf16, 0.042e9 B) and CLIP
-  ViT-L/14-336 (bf16, 0.607e9 B) the 7B teacher is 4.515e9 B = 4.20 GiB; in bf16 it is 14.126e9 B = 13.16 GiB.
-Caveat on CPU only: at the first eval forward on a CPU with AVX512-bf16, bitsandbytes repacks each Linear4bit for
-its CPU kernel and expands the double-quantized absmax to fp32 (+3 B per 64 weights on large layers; the tiny
-model shrinks instead, 312,176 -> 299,064 B, because the 1 KB nested code tables are dropped).
+tensor at a time (`.bin` and safetensors files are memory-mapped, so their pages are reclaimable page cache, not
+process memory) and nothing else of the model; with device="cpu" it also holds the result. `quant="bf16"` streams the
+same way. `model_bytes` counts parameters plus quantization state; README, 'Measured', has the sizes of the 7B
+teacher. On a CPU with AVX512-bf16 only, bitsandbytes repacks each Linear4bit for its CPU kernel at the first
+forward, which changes `model_bytes` slightly.
 """
 from __future__ import annotations
 
@@ -47,9 +31,9 @@ from torch import nn
 
 from .checkpoint import (
     IGNORED_SUFFIXES,
-    _check_keys,
-    _clip_nested,
-    _restore_buffers,
+    check_keys,
+    clip_nested,
+    restore_buffers,
     from_official,
     iter_tensors,
     weight_files,
@@ -146,7 +130,7 @@ def _materialize(model: MobileVLM, items: Iterable[tuple[str, torch.Tensor]], de
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise RuntimeError(f"parameters left unloaded: {still_meta[:8]}")
-    _restore_buffers(model, device)
+    restore_buffers(model, device)
     model.requires_grad_(False)
     return model.eval()
 
@@ -179,10 +163,10 @@ def load_teacher(path: str | Path, quant: Literal["nf4", "bf16"] = "nf4", vision
     with torch.device("meta"):
         expected = set(MobileVLM(config, vision_tower=vision_tower).state_dict())  # the official tree, before the swap
     model = _build_meta(config, vision_tower, quant, compute_dtype)
-    nested = _clip_nested(model)
+    nested = clip_nested(model)
     files = weight_files(folder)
     found = {from_official(k, nested) for k in _checkpoint_keys(files) if not k.endswith(IGNORED_SUFFIXES)}
-    _check_keys(expected, found, folder)
+    check_keys(expected, found, folder)
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         for key, tensor in iter_tensors(files):
@@ -204,7 +188,7 @@ def quantize_model(source: MobileVLM, quant: Literal["nf4", "bf16"] = "nf4", vis
     state = source.state_dict()
     with torch.device("meta"):
         expected = set(MobileVLM(source.config, vision_tower=vision_tower).state_dict())
-    _check_keys(expected, set(state), Path("<in-memory model>"))
+    check_keys(expected, set(state), Path("<in-memory model>"))
     return _materialize(model, ((k, v.detach()) for k, v in state.items()), device, compute_dtype, copy=True)
 
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import kernels
 import kernels.reference as ref
 from kernels import dispatch
-from kernels.alignkd_loss import AlignKDLoss, KDBatch, KDSide, head_average_init
+from losses import AlignKDLoss, KDBatch, KDSide, head_average_init
+from losses.terms import select_focus
 
 
 @pytest.fixture
@@ -78,9 +79,9 @@ def make_batch(specs, L=22, seed=0, dtype=torch.float32):
     return side(None, DS, HS, True), side(None, DT, HT, False), batch
 
 
-def make_loss(**kw):
+def make_loss(weights=None, **kw):
     torch.manual_seed(0)
-    return AlignKDLoss(teacher_heads=HT, student_heads=HS, teacher_dim=DT, student_dim=DS, **kw)
+    return AlignKDLoss(teacher_heads=HT, student_heads=HS, teacher_dim=DT, student_dim=DS, weights=weights, **kw)
 
 
 def student_leaves(s: KDSide):
@@ -88,12 +89,12 @@ def student_leaves(s: KDSide):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# D2: the attention loss reaches the student's q and k
+# the attention loss reaches the student's q and k
 
 
 def test_attention_loss_has_gradient_wrt_student_q_and_k():
     s, t, batch = make_batch([(3, 20), (5, 22)])
-    fn = make_loss(w_logit=0.0, w_proj_all=0.0, w_proj_focus=0.0, backend="reference")
+    fn = make_loss({"logit": 0.0, "proj_all": 0.0, "proj_focus": 0.0}, backend="reference")
     out = fn(s, t, batch)
     assert out["attn"].item() > 0
     out["loss"].backward()  # CE does not depend on q0/k0: their gradient is the attention term's
@@ -102,14 +103,14 @@ def test_attention_loss_has_gradient_wrt_student_q_and_k():
     assert not s.q0.grad[~text_rows].any()  # only text queries are aligned
     # the original code's block (vision queries, text keys) lies above the causal diagonal: nothing to learn there
     q, k = s.q0.detach().requires_grad_(), s.k0.detach().requires_grad_()
-    bad = kernels.attention_alignment_loss(t.q0, t.k0, q, k, batch.vision_mask, batch.text_mask, fn.attn_weight,
-                                           fn.attn_bias, batch.attention_mask, backend="reference")
+    bad = ref.attention_alignment_loss(t.q0, t.k0, q, k, batch.vision_mask, batch.text_mask, fn.attn_weight,
+                                       fn.attn_bias, batch.attention_mask)
     bad.backward()
     assert bad.item() == 0.0 and not q.grad.any() and not k.grad.any()
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# D1: the adapters are trained
+# the adapters are trained
 
 
 def test_optimizer_step_changes_both_adapters(plain_env):
@@ -237,7 +238,8 @@ def _shifted_ce(s: KDSide, batch: KDBatch):
 
 
 def test_module_fast_path_equals_reference_backend_and_weights_compose(plain_env):
-    kw = dict(w_logit=0.5, w_attn=2.0, w_proj_all=3.0, w_proj_focus=0.25, topk=3, kl="reverse", temperature=1.5)
+    kw = dict(weights={"logit": 0.5, "attn": 2.0, "proj_all": 3.0, "proj_focus": 0.25}, topk=3, kl="reverse",
+              temperature=1.5)
     grads, outs = [], []
     for backend in ("auto", "reference"):
         s, t, batch = make_batch([(3, 20), (-1, 18), (4, 22)], seed=5)
@@ -272,7 +274,7 @@ def test_focus_set_is_the_most_attended_vision_tokens():
     fn = make_loss(topk=3, backend="reference")
     focus = kernels.text_focus(q_t, k_t, batch.text_mask, batch.vision_mask, batch.attention_mask,
                                backend="reference")
-    picked = fn.select_focus(focus, batch.vision_start, NV)
+    picked = select_focus(focus, batch.vision_start, NV, topk=3)
     assert picked.shape == (2, 3)
     for b, idx in hot.items():
         assert sorted(picked[b].tolist()) == idx

@@ -27,10 +27,10 @@ def test_tiny_run_writes_every_number_and_reports_an_oom(bench, tmp_path, monkey
     monkeypatch.delenv("ALIGNKD_BACKEND", raising=False)
     real_step = bench.project_micro_step
 
-    def step(student, teacher, loss_fn, *args, **kw):  # (c) runs out of memory; (a) and (b) run normally
-        if loss_fn.backend == "reference":
+    def step(models, *args, **kw):  # (c) runs out of memory; (a) and (b) run normally
+        if models.loss_fn.backend == "reference":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real_step(student, teacher, loss_fn, *args, **kw)
+        return real_step(models, *args, **kw)
 
     monkeypatch.setattr(bench, "project_micro_step", step)
     out = tmp_path / "train_step.json"

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data.benchmarks import (LETTER_ANSWER, AnswerFileError, MissingDataError, check_data, limit_questions,
+from evaluation.benchmarks import (LETTER_ANSWER, AnswerFileError, MissingDataError, check_data, limit_questions,
                              load_questions, read_answers, read_llava_jsonl, read_mmbench, read_sqa)
-from data.scorers import score_mmbench
+from evaluation.scorers import score_mmbench
 
 
 def _reference_prompts(path) -> dict[str, list[str]]:

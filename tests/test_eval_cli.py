@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import eval as ev
-from data.benchmarks import BENCHMARKS, QUESTION_FILES, AnswerFileError, MissingDataError, load_questions
+from evaluation.benchmarks import BENCHMARKS, QUESTION_FILES, AnswerFileError, MissingDataError, load_questions
 from eval import EvalError
-from data.synthetic_benchmarks import make_synthetic_benchmarks
+from evaluation.synthetic_benchmarks import make_synthetic_benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 

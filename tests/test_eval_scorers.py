@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from data.benchmarks import Question, read_answers, read_llava_jsonl, read_sqa
-from data.scorers import (gqa_prediction, mme_yes_no, mmbench_letter, mmbench_option_letter, mmbench_text_letter,
+from evaluation.benchmarks import Question, read_answers, read_llava_jsonl, read_sqa
+from evaluation.scorers import (gqa_prediction, mme_yes_no, mmbench_letter, mmbench_option_letter, mmbench_text_letter,
                           pope_yes_no, read_mme_gt, read_pope_labels, score_gqa, score_mme, score_pope, score_sqa,
                           score_textvqa, sqa_letter, textvqa_question)
-from data.textvqa_normalizer import CONTRACTIONS, normalize_answer, vqa_accuracy
+from evaluation.textvqa_normalizer import CONTRACTIONS, normalize_answer, vqa_accuracy
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 

@@ -1,5 +1,5 @@
 """Our `kernels/` package next to bitsandbytes and transformers, which probe for the Hugging Face hub package that is
-also called `kernels` (design.md section 2).
+also called `kernels` (kernels/__init__.py explains).
 
 What the libraries do (bitsandbytes 0.50.2, transformers 5.23):
 - bitsandbytes, at import on CPUs with AVX512-BF16 (only there; the test asks bitsandbytes which case it is) (and in its MPS backend): `from kernels import get_kernel` inside
@@ -71,14 +71,14 @@ out["hub_names"] = [n for n in ("get_kernel", "kernelize", "LayerRepository", "C
 out["ours"] = getattr(kernels, "ALIGNKD_LOCAL_KERNELS", False)
 
 # and our API still resolves and runs (reference backend on CPU)
-from kernels import attention_alignment_loss
-from kernels.alignkd_loss import AlignKDLoss  # noqa: F401
+from kernels import attention_alignment_and_focus
+from losses import AlignKDLoss  # noqa: F401
 q_, k_ = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
 tm = torch.tensor([[0, 0, 0, 1, 1, 1]], dtype=torch.bool)
 vm = torch.tensor([[0, 1, 1, 0, 0, 0]], dtype=torch.bool)
-loss = attention_alignment_loss(q_, k_, q_, k_, tm, vm, torch.eye(2), torch.zeros(2), backend="reference")
+loss, _ = attention_alignment_and_focus(q_, k_, q_, k_, tm, vm, torch.eye(2), torch.zeros(2), backend="reference")
 out["our_loss"] = float(loss)
-out["our_fn_module"] = attention_alignment_loss.__module__
+out["our_fn_module"] = attention_alignment_and_focus.__module__
 print("RESULT " + json.dumps(out))
 """
 

@@ -9,7 +9,7 @@ import torch
 
 import train_alignkd
 from kernels import reference
-from kernels.alignkd_loss import AlignKDLoss, KDBatch, KDSide, head_average_init
+from losses import AlignKDLoss, KDBatch, KDSide, head_average_init
 from model import MobileVLM
 from tiny_run import tiny_args
 

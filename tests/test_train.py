@@ -10,8 +10,9 @@ import torch
 
 import train_alignkd
 from tiny_run import tiny_args
-from kernels.alignkd_loss import head_average_init
+from losses import head_average_init, logged_terms
 from model import MobileVLM
+from training.checkpoints import latest_checkpoint, save_checkpoint
 
 FAST = ["--num-workers", "0", "--save-every", "1000"]
 
@@ -29,7 +30,7 @@ def test_demo_learns_and_writes_a_loadable_checkpoint(tmp_path):
     expected = [t / 2 if t < 2 else 0.5 * (1 + math.cos(math.pi * (t - 2) / 22)) for t in range(1, 25)]
     assert [h["lr"] for h in hist] == pytest.approx([3e-3 * e for e in expected], rel=1e-6, abs=1e-12)
     for h in hist:
-        for k in train_alignkd.TERMS:
+        for k in logged_terms():
             assert math.isfinite(h[k]), (k, h)
     first = sum(h["loss"] for h in hist[:4]) / 4
     last = sum(h["loss"] for h in hist[-4:]) / 4
@@ -45,7 +46,7 @@ def test_demo_learns_and_writes_a_loadable_checkpoint(tmp_path):
     assert torch.equal(model.vision_tower.vision_tower.embeddings.patch_embedding.weight,
                        start.vision_tower.vision_tower.embeddings.patch_embedding.weight)  # CLIP is frozen
     adapters = torch.load(ckpt / "alignkd_adapters.pt")
-    assert not torch.allclose(adapters["attn_weight"], head_average_init(4, 8))  # the adapters trained (D1)
+    assert not torch.allclose(adapters["attn_weight"], head_average_init(4, 8))  # the adapters trained
     assert adapters["attn_bias"].abs().sum() > 0
     assert not (tmp_path / ".tmp-checkpoint-24").exists()
 
@@ -95,22 +96,24 @@ def test_vision_towers_are_shared_only_when_bit_identical():
 
 
 def test_attention_term_trains_the_students_layer0_q_and_k_in_a_real_forward():
-    """Defect D2 of the original: its attention loss had zero gradient. Here, through real tiny models with
+    """The original's attention loss had zero gradient. Here, through real tiny models with
     activation checkpointing, the attention term alone moves layer 0's q/k projections (and nothing deeper)."""
-    from kernels.alignkd_loss import AlignKDLoss
+    from losses import AlignKDLoss
 
     student, teacher = MobileVLM.tiny(seed=1).train(), MobileVLM.tiny(seed=2, hidden_size=128, num_heads=8).eval()
     teacher.vision_tower.load_state_dict(student.vision_tower.state_dict())
     student.enable_activation_checkpointing()
     student.enable_qk_capture(), teacher.enable_qk_capture()
-    loss_fn = AlignKDLoss(8, 4, 128, 64, w_logit=0.0, w_proj_all=0.0, w_proj_focus=0.0, backend="reference")
+    loss_fn = AlignKDLoss(8, 4, 128, 64, weights={"logit": 0.0, "proj_all": 0.0, "proj_focus": 0.0},
+                          backend="reference")
     IMG = -200
     ids = torch.tensor([[1, 5, 6, IMG, 7, 8, 9, 10], [1, IMG, 11, 12, 13, 0, 0, 0]])
     mask = ids != 0
     labels = torch.full_like(ids, -100)  # nothing supervised: CE is an exact 0, the loss is the attention term
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": torch.randn(2, 3, 336, 336),
              "has_image": torch.tensor([True, True])}
-    terms = train_alignkd.distill_forward(student, teacher, loss_fn, batch, torch.device("cpu"), torch.float32)
+    models = train_alignkd.Models(student, loss_fn, torch.device("cpu"), torch.float32, teacher)
+    terms = train_alignkd.distill_forward(models, batch)
     assert terms["attn"] > 0 and terms["ce"] == 0 and terms["loss"] == terms["attn"]
     terms["loss"].backward()
     attn0 = student.model.layers[0].self_attn
@@ -221,10 +224,10 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     for step in (3, 7, 9):  # 7 and 9: left by a run that this one continues from step 3
         (tmp_path / f"checkpoint-{step}").mkdir()
     state = {"step": 5, "epoch": 0, "offset": 20, "skipped": {}, "args": {"probe_steps": {2, 1}}}
-    train_alignkd.save_checkpoint(tmp_path, 5, student, None, opt, sched, state, None, keep=2)
+    save_checkpoint(tmp_path, 5, student, None, opt, sched, state, None, keep=2)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-5"]
-    assert train_alignkd.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
-    train_alignkd.save_checkpoint(tmp_path, 6, student, None, opt, sched, {**state, "step": 6}, None, keep=1)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
+    save_checkpoint(tmp_path, 6, student, None, opt, sched, {**state, "step": 6}, None, keep=1)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
     assert json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())["args"]["probe_steps"] == [1, 2]
 

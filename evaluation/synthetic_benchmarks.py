@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from data.benchmarks import POPE_CATEGORIES, SHORT_ANSWER
+from evaluation.benchmarks import POPE_CATEGORIES, SHORT_ANSWER
 from data.synthetic import COLOURS, SHAPES, make_synthetic_dataset
 
 _CAPTION = re.compile(r"^A (\w+) (\w+) (\w+) (.+) of a (\w+) background\.$")

@@ -11,9 +11,9 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from data.benchmarks import (CIRCULAR_STRIDE, GROUND_TRUTH, POPE_CATEGORIES, SHORT_ANSWER, Question, check_data,
+from evaluation.benchmarks import (CIRCULAR_STRIDE, GROUND_TRUTH, POPE_CATEGORIES, SHORT_ANSWER, Question, check_data,
                              data_file)
-from data.textvqa_normalizer import vqa_accuracy
+from evaluation.textvqa_normalizer import vqa_accuracy
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
                   "OCR")

@@ -4,16 +4,15 @@ One pass runs the frozen teacher over the dataset and stores, per sample (keyed 
 tensors `AlignKDLoss` reads from the teacher's `KDSide`; later runs (more epochs, ablations of weights/KL/topk/
 temperature) rebuild that `KDSide` from disk and never load the teacher. Nothing is approximated: the tensors are
 stored in the dtype the teacher produced them in (bf16 on CUDA, fp32 on CPU), so a run from the cache computes the
-same losses as a live teacher (tests/test_teacher_cache.py: every logged term within 1e-5 relative in fp32, measured
-<= 2e-6; the rest is the summation order of differently composed teacher batches).
+same losses as a live teacher, up to the summation order of differently composed teacher batches.
 
 What is stored, and why it is enough (H teacher width, Ht heads, Hkv key/value heads, D head dim, n the sample's
 spliced length with the image as 144 tokens, right padding so positions do not depend on the batch):
 - logit KD: `hidden` [n_sup, H], the final normed hidden states at the supervised rows (rows i with
   labels[i + 1] != -100, the only rows `AlignKDLoss` reads: `teacher.hidden[:, :-1][rows]`), plus the teacher's
   lm_head weight [V, H] once per cache. Exact: the KD recomputes the full-vocabulary teacher softmax as a live
-  teacher does. Full logits would be 7.8x larger per row (32,000 vs 4,096 values); top-k logits (k = 64: ~384 B/row,
-  21x smaller) would make the forward/reverse KL an approximation, so they are not offered.
+  teacher does. Full logits would be larger per row (vocabulary vs width); top-k logits would make the
+  forward/reverse KL an approximation, so they are not offered.
 - attention alignment + text focus: `q` [Ht, n_text, D], the layer-0 post-RoPE queries of the text rows (the text
   after the image, the only query rows of the pair set E), `k` [Hkv, 144, D], the keys of the vision positions (the
   only key columns of E), and `lse` [Ht, n_text] fp32, each text row's log-sum-exp over all its causal keys
@@ -28,24 +27,10 @@ tokens [B, 144, H] (zeros for text-only samples, which the loss ignores). Each s
 supervised-row count, image start, text-row count) is checked against the batch, so a cache that does not fit the
 data fails loudly instead of training on garbage.
 
-Size (bf16, MobileVLM V2-7B teacher: H 4096, Ht = Hkv 32, D 128; `sample_bytes` computes it):
-    bytes per sample = 8,192 * n_sup                 hidden, every sample
-                     + 1,179,648                     vision tokens, samples with an image
-                     + 8,320 * n_text + 1,179,648    q and LSE of the text rows + vision keys, text after the image
-                     (+ ~500 B of safetensors header per sample)
-    - VQA-style v1 sample (image at 35, 18 text tokens after it, 3 supervised rows, n 197):   2,533,632 B (2.53 MB)
-    - ShareGPT4V-PT caption, plain (image at 1, 300-token caption, 300 supervised, n 445):    7,312,896 B (7.31 MB)
-    - longest v1 image sample (n 2,048, image at 35, 1,869 text rows, 1,000 supervised):      26,101,376 B (26.1 MB)
-    - text-only v1 sample (512 tokens, 256 supervised):                                         2,097,152 B (2.10 MB)
-    - once per cache: lm_head 32000 x 4096 bf16 = 262,144,000 B
-(Storing every key instead, as version 1 of this format did, took 8,192 * n bytes for k: 41.5 MB for the longest
-sample, 9.74 MB for the caption.)
-So the cache trades disk for GPU memory and teacher compute: it replaces 4.5 GB (NF4) / 14.1 GB (bf16) of teacher
-weights on the GPU (plus the teacher forward) by the 262 MB lm_head and one micro-batch of these tensors, but on disk
-it outgrows the 4.5 GB NF4 teacher after about 170-1,800 samples: 1.25M ShareGPT4V-PT captions would take ~9 TB.
-Use it for ablations and repeated epochs on subsets (10k samples: ~25-75 GB), not for a full 1-2M-sample stage.
-(The demo, fp32: 156,330 B per sample on disk, 15.3 MB for its 96 samples with the lm_head, 5.5x its 2.79 MB
-teacher; the lm_head plus its largest micro-batch of 4 are 0.98 MB.)
+Size: `python bench/cache_size.py` prints the bytes per sample at MobileVLM V2-7B shapes (`sample_bytes`). The cache
+trades disk for GPU memory and teacher compute: it replaces the teacher's weights on the GPU (and its forward) by the
+lm_head and one micro-batch of these tensors, but on disk it outgrows the NF4 teacher after a few hundred to a few
+thousand samples. Use it for ablations and repeated epochs on subsets, not for a full stage.
 
 Layout of DIR:
     manifest.json          what the cache was made from (`make_manifest`); compared on open (`compare_manifests`)
@@ -75,6 +60,7 @@ from data.constants import IGNORE_INDEX, NUM_IMAGE_TOKENS
 from data.dataset import Collator
 from data.workers import ignore_stop_signals, iterate as iterate_loader
 from kernels import attention_row_lse
+from losses import KDSide
 
 log = logging.getLogger("alignkd")
 
@@ -126,7 +112,7 @@ def file_fingerprint(path: Path) -> dict[str, Any]:
 def teacher_fingerprint(folder: str | Path, quant: str, vision_tower: str | Path | None = None) -> dict[str, Any]:
     """The teacher's identity without loading it: config.json, weight-file fingerprints, quantization, and the CLIP
     config folder if one was passed (it can change the tower's config)."""
-    from .checkpoint import weight_files  # noqa: PLC0415 - keep this module light to import
+    from model.checkpoint import weight_files  # noqa: PLC0415 - keep this module light to import
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -481,8 +467,6 @@ class TeacherCache:
     def teacher_side(self, indices: list[int], batch, device: torch.device, dtype: torch.dtype):
         """The teacher's `KDSide` for the batch rows `indices` (dataset indices), laid out like `batch` (a KDBatch
         of the spliced, right-padded sequence)."""
-        from kernels.alignkd_loss import KDSide  # noqa: PLC0415
-
         B, L = batch.labels.shape
         if len(indices) != B:
             raise ValueError(f"{len(indices)} indices for a batch of {B}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fetch, on this (networked) machine, the wheels a lent GPU machine lacks, for its Python 3.12, into .whl/
-# (git-ignored). bench/gpu_check.sh installs them there. Versions: the ones CI tests with (pip list in .venv).
+# Fetch, on a networked machine, the wheels a GPU machine without network access needs, for its Python 3.12,
+# into .whl/ (git-ignored). bench/gpu_check.sh installs them there. Versions: the ones the tests run with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl

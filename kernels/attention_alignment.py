@@ -23,12 +23,9 @@ gradient in backward, as Liger's fused losses do. Extra memory: LSEs and deltas 
 buffer B * Hs * |V| * D fp32, per-block partials O(B * |text|/16 * Hs * Ht); never an L x L or |text| x |V| map.
 The only non-deterministic reduction is the fp32 atomic add of the dk vision slice (fp32 rounding-level).
 
-Block sizes (``_lse.pick_config``; bf16 at D=128): row-LSE 64 x 64 (4 warps), align 16 text rows x 16 vision cols,
-8 student heads per program, 64-key blocks for the dq sweep (8 warps), dk 64 keys x 64 rows (4 warps). Compiled
-offline (``python -m kernels._offline_compile``, triton 3.9) for sm_86 the kernels use 33 / 22.5 / 41.7 KB of shared
-memory (sm_90: 48 / 22.5 / 48.8 KB), all under the 99 KB of an RTX 3090/4090. The align kernel sits at the 255
-register cap with a 56-64 byte stack (one 8-warp program per SM): most of it is the [8, 16, 128] fp32 dq tile kept
-in registers to avoid a dq scratch buffer; ``bench/kernels.py --sweep`` times the alternatives on a GPU.
+Block sizes: ``_lse.pick_config``. ``python -m kernels._offline_compile`` compiles the kernels for a GPU architecture
+without one and reports their shared memory and registers; ``bench/kernels.py --sweep`` times the alternatives on a
+GPU. Most of the align kernel's registers hold the dq tile, kept in registers to avoid a dq scratch buffer.
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """fp32 master weights for a bf16 student, stepped chunk by chunk so no full fp32 gradient copy ever exists.
 
-Measured on CPU (bench/bf16_updates.py, AdamW, 100 steps, N(0, 0.02) weights): at lr 2e-5, 70% of bf16 weights never
-move and the applied update has cosine 0.42 with the fp32 one (at 4e-5: 45%, 0.58; at 2e-4: 1%, 0.96). MobileVLM's
-recipe (2e-5 / 4e-5) therefore needs fp32 masters; they cost 4 bytes per trainable parameter (5.5 GB for the 1.4B
-student). The optimizer holds the fp32 copies; gradients are cast per chunk of about `chunk_bytes`, the optimizer is
+At MobileVLM's learning rates most AdamW updates of bf16 weights round away (`python bench/bf16_updates.py` measures
+how many), so a bf16 student trains on fp32 copies, 4 bytes per trainable parameter. The optimizer holds the copies; gradients are cast per chunk of about `chunk_bytes`, the optimizer is
 stepped on that chunk (optimizers skip parameters whose grad is None), and the result is written back in bf16.
 """
 from __future__ import annotations

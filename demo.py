@@ -203,9 +203,11 @@ def run_demo(output_dir: str = "runs/alignkd", steps: int | None = None) -> dict
     before, after, ce_only = distilled["evals"][0], distilled["evals"][-1], baseline["evals"][-1]
     rows = [("teacher", teacher_eval), ("student before (captions only)", before),
             (f"student, CE only, {n} steps", ce_only), (f"student, Align-KD, {n} steps", after)]
-    print(f"\nheld-out questions on unseen scenes ({after['eval_n']}): exact match and answer CE (nats/token)")
+    print(f"\nheld-out questions on unseen scenes ({after['eval_n']}): exact match, answer CE (nats/token), and "
+          "grounding (first-layer attention on the image tokens asked about; 0.03 is not looking)")
     for name, r in rows:
-        print(f"  {name:<32} {r['eval_acc']:6.3f}   {r['eval_ce']:7.4f}")
+        grounding = r.get("eval_grounding", float("nan"))
+        print(f"  {name:<32} {r['eval_acc']:6.3f}   {r['eval_ce']:7.4f}   {grounding:6.3f}")
     print(f"distilled student: {distilled['checkpoint']}; times: assets {t1 - t0:.0f} s, Align-KD {t2 - t1:.0f} s, "
           f"CE only {t3 - t2:.0f} s")
     return {"distill": distilled, "ce_only": baseline, "teacher": teacher_eval}

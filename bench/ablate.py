@@ -4,12 +4,14 @@
     python bench/ablate.py --quick              # 4 arms, 1 seed, fewer steps and held-out records
     python bench/ablate.py --arms ce_only,logit,paper_full --seeds 5
 
-Each seed fixes one student initialization (the world teacher's frozen CLIP + a fresh projector and LLaMA) and one
-data order; every arm trains from it for the same number of steps with `train_alignkd.main`, then the held-out exact
-match and answer CE are read from its last evaluation. Reported: mean +- sd over seeds, and the paired difference of
-each arm against CE + logit KD per seed (mean, sd, and how many seeds it is better in), plus each term's value and
-its gradient-norm share on the student's parameters at the probe steps (from log.jsonl). Writes OUT/ablation.json,
-OUT/ablation.md and OUT/ablation.png. The world and teacher are the demo's (made on first use under --assets).
+Each seed fixes one student initialization (the world teacher's frozen CLIP + a fresh projector and LLaMA,
+pre-trained on the captions) and one data order; every arm trains from it for the same number of steps with
+`train_alignkd.main`, then the held-out exact match, answer CE and grounding (the share of the first layer's
+text->image attention on the image tokens the question is about: what the attention term aligns) are read from its
+last evaluation. Reported: mean +- sd over seeds, and the paired difference of each arm against CE + logit KD per
+seed (mean, sd, and how many seeds it is better in), plus each term's value and its gradient-norm share on the
+student's parameters at the probe steps (from log.jsonl). Writes OUT/ablation.json, OUT/ablation.md and
+OUT/ablation.png. The world and teacher are the demo's (made on first use under --assets).
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ ARMS |= {  # lighter weights for the variants (not in the default run; pick them
     "logit+student_proj_w0.1": NORMALIZED + ["--w-attn", "0", "--w-proj-all", "0.1", "--w-proj-focus", "0.1"],
 }
 QUICK_ARMS = ("ce_only", "logit", "paper_full", "new_full")
+METRICS = {"acc": True, "ce": False, "grounding": True}  # what is read from the last evaluation; higher is better?
 BASELINE = "logit"
 
 
@@ -76,27 +79,28 @@ def run_arm(assets: dict, out: Path, arm: str, seed: int, steps: int, batch: int
     last = run["evals"][-1]
     probes = {r["step"]: {"terms": {k: r[k] for k in logged_terms()[1:]}, "grad_norms": r["grad_norms"]}
               for r in run["history"] if "grad_norms" in r}
-    result = {"arm": arm, "seed": seed, "acc": last["eval_acc"], "ce": last["eval_ce"], "n": last["eval_n"],
-              "probes": probes, "seconds": time.time() - t0}
+    result = {"arm": arm, "seed": seed, "acc": last["eval_acc"], "ce": last["eval_ce"],
+              "grounding": last["eval_grounding"], "n": last["eval_n"], "probes": probes, "seconds": time.time() - t0}
     result_file.write_text(json.dumps(result))
     return result
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(results: list[dict], arms: list[str], seeds: list[int]) -> dict:
     by = {(r["arm"], r["seed"]): r for r in results}
     summary = {}
     for arm in arms:
-        accs = [by[arm, s]["acc"] for s in seeds]
-        ces = [by[arm, s]["ce"] for s in seeds]
-        row = {"acc_mean": statistics.fmean(accs), "acc_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-               "ce_mean": statistics.fmean(ces), "ce_sd": statistics.stdev(ces) if len(ces) > 1 else 0.0}
-        if BASELINE in arms and arm != BASELINE:
-            d_acc = [by[arm, s]["acc"] - by[BASELINE, s]["acc"] for s in seeds]
-            d_ce = [by[arm, s]["ce"] - by[BASELINE, s]["ce"] for s in seeds]
-            row |= {"d_acc_mean": statistics.fmean(d_acc), "d_acc_sd": statistics.stdev(d_acc) if len(seeds) > 1
-                    else 0.0, "d_ce_mean": statistics.fmean(d_ce),
-                    "d_ce_sd": statistics.stdev(d_ce) if len(seeds) > 1 else 0.0,
-                    "better_acc": sum(d > 0 for d in d_acc), "better_ce": sum(d < 0 for d in d_ce)}
+        row = {}
+        for key, higher_is_better in METRICS.items():
+            values = [by[arm, s][key] for s in seeds]
+            row |= {f"{key}_mean": statistics.fmean(values), f"{key}_sd": _sd(values)}
+            if BASELINE in arms and arm != BASELINE:
+                d = [by[arm, s][key] - by[BASELINE, s][key] for s in seeds]
+                row |= {f"d_{key}_mean": statistics.fmean(d), f"d_{key}_sd": _sd(d),
+                        f"better_{key}": sum(x > 0 if higher_is_better else x < 0 for x in d)}
         summary[arm] = row
     return summary
 
@@ -116,14 +120,14 @@ def term_shares(results: list[dict], arm: str) -> dict:
 
 
 def table(summary: dict, seeds: list[int]) -> str:
-    lines = [f"| arm | held-out exact match | answer CE (nats/token) | vs {BASELINE}: d acc (better in) | "
-             f"d CE (better in) |", "|---|---|---|---|---|"]
+    lines = [f"| arm | held-out exact match | answer CE (nats/token) | grounding | vs {BASELINE}: d acc (better in) "
+             f"| d CE (better in) | d grounding (better in) |", "|---|---|---|---|---|---|---|"]
+    digits = {"acc": 3, "ce": 4, "grounding": 3}
     for arm, r in summary.items():
-        diff = (f"{r['d_acc_mean']:+.3f} +- {r['d_acc_sd']:.3f} ({r['better_acc']}/{len(seeds)}) | "
-                f"{r['d_ce_mean']:+.4f} +- {r['d_ce_sd']:.4f} ({r['better_ce']}/{len(seeds)})"
-                if "d_acc_mean" in r else "- | -")
-        lines.append(f"| {arm} | {r['acc_mean']:.3f} +- {r['acc_sd']:.3f} | {r['ce_mean']:.4f} +- {r['ce_sd']:.4f} | "
-                     f"{diff} |")
+        cells = [f"{r[f'{k}_mean']:.{n}f} +- {r[f'{k}_sd']:.{n}f}" for k, n in digits.items()]
+        cells += [f"{r[f'd_{k}_mean']:+.{n}f} +- {r[f'd_{k}_sd']:.{n}f} ({r[f'better_{k}']}/{len(seeds)})"
+                  if f"d_{k}_mean" in r else "-" for k, n in digits.items()]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -145,8 +149,9 @@ def chart(summary: dict, results: list[dict], seeds: list[int], path: Path) -> N
     import matplotlib.pyplot as plt
 
     arms = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, label in ((axes[0], "acc", "held-out exact match"), (axes[1], "ce", "answer CE (nats/token)")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, key, label in ((axes[0], "acc", "held-out exact match"), (axes[1], "ce", "answer CE (nats/token)"),
+                           (axes[2], "grounding", "grounding: layer-0 attention on the asked-about tokens")):
         means = [summary[a][f"{key}_mean"] for a in arms]
         sds = [summary[a][f"{key}_sd"] for a in arms]
         ax.bar(range(len(arms)), means, yerr=sds, color="#9ab", capsize=3)
@@ -201,8 +206,8 @@ def run(argv: list[str] | None = None) -> dict:
         for arm in args.arms:
             r = run_arm(assets, out, arm, seed, args.steps, args.batch_size, args.lr, args.eval_limit, args.probe)
             results.append(r)
-            print(f"{arm:<20} seed {seed}: held-out exact match {r['acc']:.3f}, answer CE {r['ce']:.4f} "
-                  f"({r['seconds']:.0f} s)", flush=True)
+            print(f"{arm:<20} seed {seed}: held-out exact match {r['acc']:.3f}, answer CE {r['ce']:.4f}, grounding "
+                  f"{r['grounding']:.3f} ({r['seconds']:.0f} s)", flush=True)
     summary = summarize(results, args.arms, seeds)
     shares = {arm: term_shares(results, arm) for arm in args.arms if arm != "ce_only"}
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()}",

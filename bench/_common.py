@@ -4,6 +4,7 @@ Nothing here downloads anything: the models are built from their configs directl
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -131,3 +132,9 @@ def peak_tflops_for(name: str) -> float | None:
                 and not any(n in up for n in none_of):
             return tflops
     return None
+
+
+def write_report(path: Path, report: dict) -> None:
+    """A benchmark's JSON (its folder made first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

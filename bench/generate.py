@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import sys
 import tempfile
@@ -23,11 +22,12 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.benchmarks import BENCHMARKS, limit_questions, load_questions  # noqa: E402
+from bench._common import write_report  # noqa: E402
 from data.constants import NUM_IMAGE_TOKENS  # noqa: E402
 from data.images import process_image  # noqa: E402
 from data.templates import build_prompt  # noqa: E402
 from eval import DTYPES, load_eval_model  # noqa: E402
+from evaluation.benchmarks import BENCHMARKS, limit_questions, load_questions  # noqa: E402
 from model.generation import greedy_generate, length_sorted_batches  # noqa: E402
 
 
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['batch_size']:>6}{r['questions_per_s']:>10.2f}{r['speedup']:>8.2f}x"
               f"{r['identical']:>7}/{len(questions)}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     return report
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
 import sys
 import time
@@ -42,7 +41,7 @@ from data.constants import IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS  # noqa: E402
 from model import MobileVLM, MobileVLMConfig  # noqa: E402
 from model.quantize import load_teacher, model_bytes, quantize_model  # noqa: E402
 from model.vision import OFFICIAL_CLIP_336  # noqa: E402
-from bench._common import random_model  # noqa: E402
+from bench._common import random_model, write_report  # noqa: E402
 
 PROMPT = 35
 
@@ -222,8 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(f"wrote {args.out}")
     return report
 

@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
 import os
 import statistics
@@ -76,7 +75,7 @@ if sys.path[:1] != [_ROOT]:
     sys.path.insert(0, _ROOT)
 from bench._common import (  # noqa: E402
     ANSWER, PROMPT, QUESTION, ROOT, gib, make_batch, peak_tflops_for, random_model, student_config, sync,
-    teacher_config, tiny_configs, versions,
+    teacher_config, tiny_configs, versions, write_report,
 )
 from data.constants import IGNORE_INDEX, NUM_IMAGE_TOKENS  # noqa: E402
 from model.quantize import model_bytes, quantize_model  # noqa: E402
@@ -777,8 +776,7 @@ def main(argv: list[str] | None = None) -> dict:
               "ratios": ratios(results, args.lengths, args.batches),
               "wall_seconds": time.perf_counter() - t_start}
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(f"wrote {args.out} ({report['wall_seconds']:.0f} s)")
     return report
 

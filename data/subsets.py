@@ -39,10 +39,10 @@ def resolve_subset(name: str, data_root: str | Path | None = None, data: str | P
                          f"{sub.image_folder}/), or both --data FILE and --image-folder DIR")
     json_path = Path(data) if data is not None else root / sub.json
     folder = Path(image_folder) if image_folder is not None else root / sub.image_folder
-    if not json_path.is_file():
-        raise FileNotFoundError(f"{name} JSON not found: {json_path}; expected {sub.about} "
-                                f"at DATA_ROOT/{sub.json}")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{name} image folder not found: {folder}; expected the images that the "
-                                f"records' 'image' paths point into, at DATA_ROOT/{sub.image_folder}/")
+    for there, missing in ((json_path.is_file(), f"{name} JSON not found: {json_path}; expected {sub.about} at "
+                                                 f"DATA_ROOT/{sub.json}"),
+                           (folder.is_dir(), f"{name} image folder not found: {folder}; expected the images that "
+                                             f"the records' 'image' paths point into, at DATA_ROOT/{sub.image_folder}/")):
+        if not there:
+            raise FileNotFoundError(missing)
     return json_path, folder, sub.template, sub.image_mode

@@ -96,12 +96,10 @@ def _draw(scene: dict) -> Image.Image:
     fx, fy = POSITIONS[scene["where"]]
     cx, cy, r = fx * w, fy * h, SIZES[scene["size"]] * min(w, h)
     draw, fill = ImageDraw.Draw(img), COLOURS[scene["colour"]]
-    if scene["shape"] == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif scene["shape"] == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
+    if scene["shape"] == "triangle":
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:  # a circle or a square in the same box
+        (draw.ellipse if scene["shape"] == "circle" else draw.rectangle)([cx - r, cy - r, cx + r, cy + r], fill=fill)
     return img
 
 

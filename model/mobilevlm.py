@@ -91,26 +91,12 @@ class MobileVLM(nn.Module):
 
         save_mobilevlm(self, path, **kw)
 
-    # ---- properties -----------------------------------------------------------------------------------------------
-    @property
-    def vision_tower(self) -> CLIPVisionTower:
-        return self.model.vision_tower
-
-    @property
-    def mm_projector(self) -> LDPNetV2Projector:
-        return self.model.mm_projector
-
-    @property
-    def num_heads(self) -> int:
-        return self.config.num_attention_heads
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
+    # ---- parts and sizes that the trainer and the losses read ----------------------------------------------------
+    vision_tower = property(lambda self: self.model.vision_tower)  # CLIPVisionTower
+    mm_projector = property(lambda self: self.model.mm_projector)  # LDPNetV2Projector
+    num_heads = property(lambda self: self.config.num_attention_heads)
+    hidden_size = property(lambda self: self.config.hidden_size)
+    device = property(lambda self: self.lm_head.weight.device)
 
     def enable_qk_capture(self) -> QKCapture:
         """Keep layer-0 post-RoPE q/k of every forward (returned in the output as q0, k0)."""

@@ -1,5 +1,6 @@
-"""AlignKDLoss and the kernels dispatch: defects D1/D2 stay fixed, the fast logit/CE paths equal the plain ones, the
-focus set is the most attended vision tokens, text-only samples add no vision terms, and no-distill is CE only.
+"""AlignKDLoss and the kernels dispatch: the original code's adapter and attention-gradient defects stay fixed
+(docs/original-defects.md), the fast logit/CE paths equal the plain ones, the focus set is the most attended vision
+tokens, text-only samples add no vision terms, and no-distill is CE only.
 
 The attention/projection terms run on the reference here (the Triton kernels have their own tests): every test that
 uses backend "auto" first removes TRITON_INTERPRET and ALIGNKD_BACKEND from the environment, so "auto" on CPU means

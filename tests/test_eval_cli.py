@@ -296,7 +296,7 @@ def test_compare_and_chart(tmp_path, capsys):
 
 
 def test_average_is_mobilevlm_avg():
-    # MobileVLM's model zoo: 1.7B row averages to 64.2, 3B to 68.1 (reference/mobilevlm-v2.md section 6)
+    # MobileVLM's model zoo: 1.7B row averages to 64.2, 3B to 68.1 (MobileVLM V2's published table)
     s17 = {"gqa": 59.3, "sqa": 66.7, "textvqa": 52.1, "pope": 84.3, "mme": 1302.8, "mmbench": 57.7}
     s3 = {"gqa": 61.1, "sqa": 70.0, "textvqa": 57.5, "pope": 84.7, "mme": 1440.5, "mmbench": 63.2}
     assert (round(ev.average(s17), 1), round(ev.average(s3), 1)) == (64.2, 68.1)

@@ -1,6 +1,6 @@
 """The demo (`python train_alignkd.py` with no arguments): distill a trained teacher in the shapes world.
 
-1. The world (data/world.py): a tokenizer, 2,000 training images with eight questions each (and a caption), 300
+1. The world (data/world.py): a tokenizer, 2,000 training images with sixteen questions each (and a caption), 300
    held-out questions on unseen scenes.
 2. The teacher, made once and kept under OUTPUT_DIR/demo_assets/teacher: its CLIP is first trained to name the
    object (shape and colour, or none) in each image token and the token's grid cell (so vision features carry colour,
@@ -36,11 +36,11 @@ log = logging.getLogger("alignkd")
 TEACHER = dict(hidden_size=128, num_heads=4, num_layers=4)
 STUDENT = dict(hidden_size=64, num_heads=2, num_layers=2)
 VISION = dict(vision_hidden=64, vision_layers=2)
-WORLD = (2000, 300)  # training images, held-out questions
+WORLD = (2000, 300, 16)  # training images, held-out questions, questions per training image
 # (steps, batch, lr) of each stage
 VISION_STAGE = (400, 32, 3e-3)
 CAPTION_STAGE = (600, 16, 2e-3)
-TEACHER_STAGE = (1000, 16, 2e-3)
+TEACHER_STAGE = (2000, 16, 2e-3)
 STUDENT_CAPTION_STAGE = (300, 16, 3e-3)  # before either arm
 STUDENT_STAGE = (150, 8, 3e-3)
 DEMO_DISTILL_FLAGS: list[str] = []  # the trainer's defaults (logit KD + attention KL at weight 0.1)
@@ -106,7 +106,7 @@ def prepare_assets(root: Path) -> dict[str, Path]:
     world = root / "world"
     if not (world / "heldout_v1.json").exists():
         log.info(f"making the shapes world ({WORLD[0]} training images, {WORLD[1]} held-out questions)")
-        make_world(world, n_train=WORLD[0], n_heldout=WORLD[1], seed=0)
+        make_world(world, n_train=WORLD[0], n_heldout=WORLD[1], seed=0, questions_per_image=WORLD[2])
     teacher_dir = root / "teacher"
     if not (teacher_dir / "config.json").exists():
         train_teacher(root, tok_dir, world, teacher_dir)

@@ -596,9 +596,11 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate(record: dict) -> None:
         record.update(heldout.evaluate(models.student))
         evals.append(record)
-        pbar.set_postfix_str(f"held-out acc {record['eval_acc']:.3f} CE {record['eval_ce']:.3f}", refresh=False)
+        grounding = f", grounding {record['eval_grounding']:.3f}" if "eval_grounding" in record else ""
+        pbar.set_postfix_str(f"held-out acc {record['eval_acc']:.3f} CE {record['eval_ce']:.3f}{grounding}",
+                             refresh=False)
         log.info(f"step {record['step']}: held-out exact match {record['eval_acc']:.3f}, answer CE "
-                 f"{record['eval_ce']:.4f} ({record['eval_n']} records)")
+                 f"{record['eval_ce']:.4f}{grounding} ({record['eval_n']} records)")
 
     evals: list[dict] = []
     if heldout is not None and step == 0 and not args.no_eval_at_start:  # the student before any update

@@ -8,7 +8,7 @@ import demo
 
 
 def test_shortened_demo_trains_a_cached_teacher_and_reports_before_and_after(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "WORLD", (24, 12))
+    monkeypatch.setattr(demo, "WORLD", (24, 12, 8))
     monkeypatch.setattr(demo, "VISION_STAGE", (4, 4, 3e-3))
     monkeypatch.setattr(demo, "CAPTION_STAGE", (3, 4, 2e-3))
     monkeypatch.setattr(demo, "TEACHER_STAGE", (4, 4, 2e-3))

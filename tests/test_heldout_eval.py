@@ -102,6 +102,7 @@ def test_trainer_logs_heldout_evaluation(trained):
     assert [r["step"] for r in evals] == [0, 20, 40]
     assert [r["step"] for r in log] == list(range(0, 41))  # one record per step; step 0 is the untrained student
     assert all(r["eval_n"] == 10 for r in evals)
+    assert all(0 < r["eval_grounding"] < 1 for r in evals)  # the world's records name their target tokens
     assert evals[-1]["eval_ce"] < evals[0]["eval_ce"]  # it learned something
 
 

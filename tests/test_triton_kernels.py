@@ -301,8 +301,6 @@ def test_dispatch_backend_triton_reaches_these_kernels():
     loss_k, focus_k = aa.attention_alignment_triton(q_t, k_t, q_s, k_s, tm, vm, w, b, am, need_focus=True)
     assert loss_d.item() == loss_k.item() and torch.equal(focus_d, focus_k)
     assert torch.equal(kernels.text_focus(q_t, k_t, tm, vm, am, backend="triton"), focus_k)
-    assert kernels.attention_alignment_loss(q_t, k_t, q_s, k_s, tm, vm, w, b, am, backend="triton").item() == \
-        loss_k.item()
     f_t, f_s = torch.randn(B, 5, 24).to(DEV), torch.randn(B, 5, 16).to(DEV)
     pw, pb = torch.randn(16, 24).to(DEV), torch.randn(16).to(DEV)
     idx = torch.tensor([[0, 0], [4, 1]]).to(DEV)

@@ -40,7 +40,9 @@ WORLD = (2000, 300, 16)  # training images, held-out questions, questions per tr
 # (steps, batch, lr) of each stage
 VISION_STAGE = (400, 32, 3e-3)
 CAPTION_STAGE = (600, 16, 2e-3)
-TEACHER_STAGE = (2000, 16, 2e-3)
+# the questions in two cosine cycles, the second a warm restart at half the rate: held-out accuracy was rising
+# fastest (0.60 at step 1,000, 0.76 at 1,500) when the first cycle's rate ran out
+TEACHER_STAGES = ((2000, 16, 2e-3), (1500, 16, 1e-3))
 STUDENT_CAPTION_STAGE = (300, 16, 3e-3)  # before either arm
 STUDENT_STAGE = (150, 8, 3e-3)
 DEMO_DISTILL_FLAGS: list[str] = []  # the trainer's defaults (logit KD + attention KL at weight 0.1)
@@ -135,12 +137,14 @@ def train_teacher(root: Path, tok_dir: Path, world: Path, teacher_dir: Path) -> 
     run = main(["--data", str(world / "train_plain.json"), "--template", "plain", "--student", str(root / "teacher_init"),
                 "--output-dir", str(root / "teacher_captions"), "--max-steps", str(steps), "--batch-size", str(batch),
                 "--lr", str(lr), "--save-every", str(steps), "--no-eval-at-start", *common])
-    steps, batch, lr = TEACHER_STAGE
-    log.info(f"teacher, stage 3: projector + LLaMA on the questions, CE only ({steps} steps of {batch})")
-    run = main(["--data", str(world / "train_v1.json"), "--student", run["checkpoint"],
-                "--output-dir", str(root / "teacher_run"), "--max-steps", str(steps), "--batch-size", str(batch),
-                "--lr", str(lr), "--save-every", str(steps), "--eval-data", str(world / "heldout_v1.json"),
-                "--eval-every", "250", *common])
+    for i, (steps, batch, lr) in enumerate(TEACHER_STAGES):
+        log.info(f"teacher, stage {3 + i}: projector + LLaMA on the questions, CE only ({steps} steps of {batch}, "
+                 f"lr {lr})")
+        out = "teacher_run" if i == len(TEACHER_STAGES) - 1 else f"teacher_questions{i + 1}"
+        run = main(["--data", str(world / "train_v1.json"), "--student", run["checkpoint"],
+                    "--output-dir", str(root / out), "--max-steps", str(steps), "--batch-size", str(batch),
+                    "--lr", str(lr), "--save-every", str(steps), "--eval-data", str(world / "heldout_v1.json"),
+                    "--eval-every", "250", *common])
     (root / "teacher_run" / "heldout.json").write_text(json.dumps(run["evals"][-1]))
     # written anew rather than moved: the checkpoint's config names its vision tower folder by absolute path
     MobileVLM.from_pretrained(run["checkpoint"]).save_pretrained(teacher_dir, tokenizer_dir=tok_dir)

@@ -11,7 +11,7 @@ def test_shortened_demo_trains_a_cached_teacher_and_reports_before_and_after(tmp
     monkeypatch.setattr(demo, "WORLD", (24, 12, 8))
     monkeypatch.setattr(demo, "VISION_STAGE", (4, 4, 3e-3))
     monkeypatch.setattr(demo, "CAPTION_STAGE", (3, 4, 2e-3))
-    monkeypatch.setattr(demo, "TEACHER_STAGE", (4, 4, 2e-3))
+    monkeypatch.setattr(demo, "TEACHER_STAGES", ((3, 4, 2e-3), (2, 4, 1e-3)))
     monkeypatch.setattr(demo, "STUDENT_CAPTION_STAGE", (2, 4, 3e-3))
     monkeypatch.setattr(demo, "STUDENT_STAGE", (3, 4, 3e-3))
     out = tmp_path / "run"

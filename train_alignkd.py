@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -138,6 +141,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# ---- processes --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Ranks:
+    """This process's place in a torchrun job; rank 0 of 1 for a plain `python` run."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(args: argparse.Namespace) -> Ranks:
+    """Under torchrun with more than one process: a process group, nccl on CUDA (each rank on its LOCAL_RANK's
+    GPU), gloo on CPU. A plain run, or torchrun with one process, stays single-process: no group, nothing reduced."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return Ranks(dist.get_rank(), world)
+
+
 # ---- models and the objective ------------------------------------------------------------------------------------
 
 def load_student(args: argparse.Namespace, dtype: torch.dtype) -> MobileVLM:
@@ -181,7 +211,7 @@ def load_frozen_teacher(args: argparse.Namespace, device: torch.device, dtype: t
 
 
 def prepare_teacher_cache(args: argparse.Namespace, dataset, tokenizer, data_desc: tuple, device: torch.device,
-                          dtype: torch.dtype) -> TeacherCache:
+                          dtype: torch.dtype, ranks: Ranks = Ranks()) -> TeacherCache:
     """--cache-teacher DIR: refuse a cache made from something else, build what is missing (the teacher is loaded
     for this pass only, then freed), and open it for reading."""
     json_path, image_folder, template, image_mode = data_desc
@@ -194,6 +224,11 @@ def prepare_teacher_cache(args: argparse.Namespace, dataset, tokenizer, data_des
         if state != "complete":
             if teacher_id is None:
                 raise SystemExit(f"error: teacher cache {args.cache_teacher} is {state}: pass --teacher to build it")
+            if ranks.world > 1:
+                raise SystemExit(f"error: teacher cache {args.cache_teacher} is {state}: building it under torchrun "
+                                 f"is not supported yet; build it with one process first (python train_alignkd.py, the "
+                                 f"same flags, another --output-dir, --stop-after 1), then train from it under "
+                                 f"torchrun")
             teacher = load_frozen_teacher(args, device, dtype, tokenizer)
             teacher.enable_qk_capture()
             with torch.random.fork_rng(devices=[]):  # the run's random state is the same with or without this pass
@@ -223,6 +258,7 @@ class Models:
     cache: TeacherCache | None = None
     shared_vision: bool = False  # one CLIP forward feeds both models
     distill: bool = True  # from the live teacher, or from the cache
+    ddp: DDP | None = None  # under torchrun: the student and the adapters as one DDP module (DistillStep)
 
 
 def build_models(args: argparse.Namespace, tokenizer, cache: TeacherCache | None, device: torch.device,
@@ -337,6 +373,38 @@ def optimizer_step(optim: Optimization, max_grad_norm: float) -> tuple[float, fl
     return grad_norm, adapter_norm
 
 
+def reduce_step(sums: Counter, n_tokens: int, usable: int, skips: Counter, signum: int | None, grad_accum: int,
+                optim: Optimization, device: torch.device, ranks: Ranks) -> tuple[Counter, int, Counter, int | None]:
+    """Under torchrun, once per optimizer step, before it: the logged terms become the mean over the step's usable
+    micro-batches of all ranks; tokens and skip counts are summed over the ranks; a stop signal on any rank becomes
+    every rank's (a MAX all-reduce of the flag), so that all ranks stop after the same step. DDP averaged the
+    gradients over the N x grad_accum micro-batches, a skipped one counting as a zero loss: when there were such,
+    they are rescaled to the mean over the usable ones. Returns (terms, tokens, skips, signal) of the whole step."""
+    terms = logged_terms()
+    total = torch.tensor([sums[k] for k in terms] + [n_tokens, usable, sum(skips.values())], dtype=torch.float64,
+                         device=device)
+    dist.all_reduce(total)
+    flag = torch.tensor([signum or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    *term_sums, n_tokens, usable, n_skipped = total.tolist()
+    if usable == 0:  # every rank sees it: all of them exit, none is left waiting
+        raise SystemExit(f"error: every sample of an optimizer step ({ranks.world} ranks x --batch-size x "
+                         f"--grad-accum) was skipped; check the data (skip reasons: log.jsonl)")
+    expected = ranks.world * grad_accum
+    if usable < expected:
+        for p in optim.student_params + optim.adapters:
+            if p.grad is not None:
+                p.grad.mul_(expected / usable)
+    step_skips = Counter()
+    if n_skipped:
+        gathered = [None] * ranks.world
+        dist.all_gather_object(gathered, dict(skips))
+        for g in gathered:
+            step_skips.update(g)
+    mean = Counter({k: v * grad_accum / usable for k, v in zip(terms, term_sums)})
+    return mean, int(n_tokens), step_skips, int(flag.item()) or None
+
+
 # ---- one micro-batch ----------------------------------------------------------------------------------------------------
 
 def distill_forward(models: Models, batch: dict, separate: bool = False) -> dict[str, torch.Tensor]:
@@ -364,9 +432,29 @@ def distill_forward(models: Models, batch: dict, separate: bool = False) -> dict
     return models.loss_fn(s_side, t_side, kd_batch, distill=models.distill, separate=separate)
 
 
-def micro_step(models: Models, batch: dict, grad_accum: int) -> dict[str, float]:
-    """Forward and backward of one of `grad_accum` micro-batches; returns its logged terms divided by grad_accum."""
-    terms = distill_forward(models, batch)
+class DistillStep(torch.nn.Module):
+    """The student and the Align-KD adapters as one module, for DDP: its forward is one micro-batch's
+    `distill_forward`, so the backward all-reduces the gradients of both. The teacher is no submodule: it is frozen,
+    loaded by every rank, and never wrapped nor broadcast."""
+
+    def __init__(self, models: Models):
+        super().__init__()
+        self.student, self.loss_fn = models.student, models.loss_fn
+        self.models = models  # a plain attribute (not a module): reaches the teacher without registering it
+
+    def forward(self, batch: dict | None) -> dict[str, torch.Tensor]:
+        if batch is None:  # every sample of this rank's micro-batch was skipped: a zero loss that reaches every
+            # trained parameter, so that this rank's backward still joins the others' gradient all-reduce
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return {k: zero for k in logged_terms()}
+        return distill_forward(self.models, batch)
+
+
+def micro_step(models: Models, batch: dict | None, grad_accum: int) -> dict[str, float]:
+    """Forward and backward of one of `grad_accum` micro-batches; returns its logged terms divided by grad_accum.
+    Under torchrun the forward goes through DDP (whose backward all-reduces the gradients unless
+    `require_backward_grad_sync` is off), and `batch` is None for a micro-batch whose samples were all skipped."""
+    terms = models.ddp(batch) if models.ddp is not None else distill_forward(models, batch)
     (terms["loss"] / grad_accum).backward()
     return {k: terms[k].detach().item() / grad_accum for k in logged_terms()}
 
@@ -413,12 +501,50 @@ class Position:
     skipped: Counter = field(default_factory=Counter)
 
 
+def rank_micro_batches(n: int, seed: int, batch_size: int, ranks: Ranks,
+                       pos: Position) -> Iterator[tuple[list[int], int, int]]:
+    """This rank's micro-batches from `pos` on: the one seeded order is cut into micro-batches exactly as a single
+    process cuts it (EpochSampler, --batch-size, an epoch's last one short), and of each run of N consecutive ones
+    rank r takes the r-th. Yields (dataset indices, epoch, offset), the position being the one after the whole run
+    of N: the same on every rank, so any rank's checkpoint continues every rank's order."""
+    def global_order():
+        epoch, offset = pos.epoch, pos.offset
+        while True:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+            for start in range(offset, n, batch_size):
+                end = min(start + batch_size, n)
+                yield perm[start:end], *((epoch + 1, 0) if end == n else (epoch, end))
+            epoch, offset = epoch + 1, 0
+
+    micro = global_order()
+    while True:
+        run = [next(micro) for _ in range(ranks.world)]
+        yield run[ranks.rank][0], *run[-1][1:]
+
+
+def rank_batch_stream(data, collate, args: argparse.Namespace, pos: Position, ranks: Ranks) -> Iterator[dict]:
+    """batch_stream under torchrun: this rank's share (rank_micro_batches), one loader across epochs. A batch whose
+    samples were all skipped is yielded as it is (it is not replaced by the next one, which belongs to another
+    rank); the trainer lets it contribute nothing."""
+    plan = rank_micro_batches(len(data), args.seed, args.batch_size, ranks, pos)
+    indices = (ix for ix, _, _ in rank_micro_batches(len(data), args.seed, args.batch_size, ranks, pos))
+    loader = torch.utils.data.DataLoader(data, batch_sampler=indices, collate_fn=collate,
+                                         num_workers=args.num_workers, worker_init_fn=ignore_stop_signals)
+    with contextlib.closing(iterate_loader(loader)) as loader_batches:
+        for batch, (_, epoch, offset) in zip(loader_batches, plan):  # the plan walks in step with the loader
+            pos.epoch, pos.offset = epoch, offset
+            yield batch
+
+
 def batch_stream(dataset, tokenizer, args: argparse.Namespace, pos: Position, indexed: bool,
-                 json_path: Path) -> Iterator[dict]:
+                 json_path: Path, ranks: Ranks = Ranks()) -> Iterator[dict]:
     """Collated micro-batches from `pos` on, epoch after epoch, advancing `pos`. `indexed`: each batch carries its
     rows' dataset indices ("index"), which reading the teacher cache needs."""
     data, collate = ((IndexedDataset(dataset), IndexedCollator(tokenizer.pad_token_id)) if indexed else
                      (dataset, Collator(tokenizer.pad_token_id)))
+    if ranks.world > 1:
+        yield from rank_batch_stream(data, collate, args, pos, ranks)
+        return
     while True:
         sampler = EpochSampler(len(dataset), args.seed, pos.epoch, pos.offset)
         # workers ignore SIGINT/SIGTERM: a stop sent to the process group is this process's to handle
@@ -453,12 +579,15 @@ class StopRequest:
     """SIGINT/SIGTERM while training: the first asks the loop to save and stop after the current optimizer step (a
     step of many accumulated micro-batches is not thrown away); a second one raises KeyboardInterrupt at once. The
     DataLoader workers ignore both (data/workers.py), so a signal sent to the whole process group (Slurm, `timeout`,
-    Ctrl-C) is handled here alone."""
+    Ctrl-C) is handled here alone. Under torchrun (`repeat_aborts=False`) a second one is ignored: the launcher
+    forwards the signal it receives to every rank, which Slurm may also have signalled, and the launcher's SIGKILL
+    after its --shutdown_timeout is the abort."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, repeat_aborts: bool = True):
         self.signum: int | None = None
+        self.repeat_aborts = repeat_aborts
         self._previous = {}
 
     def __enter__(self) -> "StopRequest":
@@ -474,10 +603,26 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            if self.repeat_aborts:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
         log.info(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
                  f"(send it again to abort without saving)")
+
+
+def check_layout(info: dict, args: argparse.Namespace, ranks: Ranks) -> None:
+    """--resume under torchrun, or of a torchrun checkpoint: the saved data position is exact for any run that cuts
+    the order into the same micro-batches and steps, i.e. the same --batch-size and the same N x --grad-accum (2 ranks
+    x 1 continue 1 rank x 2 exactly). Anything else is refused: it would change the data order and the schedule."""
+    saved_world, saved = info.get("world_size", 1), info["args"]
+    if saved_world == ranks.world == 1:
+        return
+    if (saved["batch_size"], saved_world * saved["grad_accum"]) != (args.batch_size, ranks.world * args.grad_accum):
+        raise SystemExit(f"error: --resume: the checkpoint was written by {saved_world} process(es) x --grad-accum "
+                         f"{saved['grad_accum']} x --batch-size {saved['batch_size']}; this run is {ranks.world} x "
+                         f"{args.grad_accum} x {args.batch_size}. Resume with the same --batch-size and the same "
+                         f"processes x --grad-accum ({saved_world * saved['grad_accum']})")
 
 
 def resolve_data(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
@@ -530,6 +675,9 @@ def main(argv: list[str] | None = None) -> dict:
         shown = ", ".join(held if len(held) <= 4 else [*held[:3], "...", held[-1]])
         raise SystemExit(f"error: {out} already holds a run ({shown}): continue it with --resume, or start anew "
                          f"with --overwrite (deletes its checkpoints, latest and log.jsonl)")
+    ranks = init_distributed(args)
+    if not ranks.main:  # rank 0 speaks for all
+        logging.getLogger().setLevel(logging.WARNING)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -543,15 +691,20 @@ def main(argv: list[str] | None = None) -> dict:
                            cache_dir=out / "index_cache")
     log.info(f"data: {json_path} ({len(dataset)} records, template {template}, images {image_mode})")
     heldout = HeldOut(args.eval_data, args.eval_image_folder or image_folder, tokenizer, template, image_mode,
-                      args.max_len, args.eval_limit, cache_dir=out / "index_cache") if args.eval_data else None
+                      args.max_len, args.eval_limit, cache_dir=out / "index_cache") \
+        if args.eval_data and ranks.main else None  # under torchrun rank 0 evaluates; the others wait for it
     cache = prepare_teacher_cache(args, dataset, tokenizer, (json_path, image_folder, template, image_mode), device,
-                                  dtype) if args.cache_teacher else None
+                                  dtype, ranks) if args.cache_teacher else None
 
     # models, objective, optimizer
     models = build_models(args, tokenizer, cache, device, dtype)
     micro_per_epoch = max(1, len(dataset) // args.batch_size)
-    total = args.max_steps or max(1, int(args.epochs * micro_per_epoch / args.grad_accum))
+    total = args.max_steps or max(1, int(args.epochs * micro_per_epoch / (args.grad_accum * ranks.world)))
     optim = build_optimizer(args, models, total)
+    if ranks.world > 1:  # unused parameters are normal: the projector on a text-only micro-batch, a term with no
+        # eligible sample. Gradients live in DDP's buckets (no second copy); the buffers are not trained
+        models.ddp = DDP(DistillStep(models), device_ids=[device.index] if device.type == "cuda" else None,
+                         find_unused_parameters=True, gradient_as_bucket_view=True, forward_sync_buffers=False)
 
     # resume
     step, pos = 0, Position()
@@ -560,38 +713,51 @@ def main(argv: list[str] | None = None) -> dict:
         info = load_checkpoint(ckpt, models.student, models.loss_fn if models.distill else None, optim.opt,
                                optim.sched, optim.masters, args.vision_tower, device, dtype)
         step, pos = info["step"], Position(info["epoch"], info["offset"], Counter(info["skipped"]))
-        dropped = trim_log(out / "log.jsonl", step)
-        if dropped:
-            log.info(f"log.jsonl: {dropped} records after step {step} (written after the last checkpoint) removed")
-        unfinished = remove_unfinished_saves(out)
-        if unfinished:
-            log.info(f"removed {', '.join(unfinished)}: a save that was killed before it completed")
+        check_layout(info, args, ranks)
+        if ranks.main:
+            dropped = trim_log(out / "log.jsonl", step)
+            if dropped:
+                log.info(f"log.jsonl: {dropped} records after step {step} (written after the last checkpoint) removed")
+            unfinished = remove_unfinished_saves(out)
+            if unfinished:
+                log.info(f"removed {', '.join(unfinished)}: a save that was killed before it completed")
         log.info(f"resumed from {ckpt} at step {step} (epoch {pos.epoch}, sample {pos.offset})")
-    elif args.overwrite:
+    elif args.overwrite and ranks.main:
         clear_run(out)
 
     terms = logged_terms()  # loss, ce and every registered term: log.jsonl, the progress bar, the summary
     start_step = step
-    stream = batch_stream(dataset, tokenizer, args, pos, cache is not None, json_path)
-    log_file = open(out / "log.jsonl", "a" if args.resume else "w")  # a new run: no checkpoint, no earlier records
-    pbar = tqdm(total=total, initial=step, desc="align-kd" if models.distill else "fine-tune", dynamic_ncols=True)
-    history, t0, tokens = [], time.time(), 0
+    stream = batch_stream(dataset, tokenizer, args, pos, cache is not None, json_path, ranks)
+    # a new run: no checkpoint, no earlier records. Rank 0 alone writes the log (the others' records are the same)
+    log_file = open(out / "log.jsonl" if ranks.main else os.devnull, "a" if args.resume else "w")
+    pbar = tqdm(total=total, initial=step, desc="align-kd" if models.distill else "fine-tune", dynamic_ncols=True,
+                disable=not ranks.main)
+    history, t0, tokens, stop_signal = [], time.time(), 0, None
 
-    def accumulate(sums: Counter, probe: dict | None) -> int:
-        """Forward/backward of --grad-accum micro-batches; returns the number of real tokens."""
-        n_tokens = 0
-        for _ in range(args.grad_accum):
+    def accumulate(sums: Counter, probe: dict | None, skips: Counter) -> tuple[int, int]:
+        """Forward/backward of --grad-accum micro-batches; returns the number of real tokens and of usable
+        micro-batches. One process replaces a batch whose samples were all skipped by the next one; a rank under
+        torchrun runs it as a zero loss instead (the next batch is another rank's), so that it joins the gradient
+        all-reduce."""
+        n_tokens, usable = 0, 0
+        for micro in range(args.grad_accum):
             batch = next(stream)
-            pos.skipped.update(batch["skipped"])
-            while "input_ids" not in batch:  # every sample of this batch was skipped
+            skips.update(batch["skipped"])
+            while "input_ids" not in batch and not models.ddp:  # every sample of this batch was skipped
                 batch = next(stream)
-                pos.skipped.update(batch["skipped"])
+                skips.update(batch["skipped"])
+            if models.ddp:  # all-reduce the gradients in the step's last backward only
+                models.ddp.require_backward_grad_sync = micro == args.grad_accum - 1
+            if "input_ids" not in batch:
+                micro_step(models, None, args.grad_accum)
+                continue
             if probe is not None and not probe:  # the step's first micro-batch, before its own backward
                 probe.update(probe_term_grads(models, batch))
             for k, v in micro_step(models, batch, args.grad_accum).items():
                 sums[k] += v
             n_tokens += int(batch["attention_mask"].sum())
-        return n_tokens
+            usable += 1
+        return n_tokens, usable
 
     def evaluate(record: dict) -> None:
         record.update(heldout.evaluate(models.student))
@@ -610,14 +776,21 @@ def main(argv: list[str] | None = None) -> dict:
         log_file.flush()
     # log lines above the bar, not inside it; the bar is closed before an error line is printed. The data stream is
     # closed on the way out, however the loop ends: that shuts its DataLoader workers down (data/workers.py)
-    with pbar, contextlib.closing(stream), StopRequest() as stop_request, logging_redirect_tqdm():
+    with (pbar, contextlib.closing(stream), StopRequest(repeat_aborts=not models.ddp) as stop_request,
+          logging_redirect_tqdm()):
         while step < total:
             sums = Counter()
-            probe = {} if step + 1 in args.probe_steps else None
+            probe = {} if step + 1 in args.probe_steps and ranks.main else None  # rank 0's is the step's first
+            skips = Counter() if models.ddp else pos.skipped  # a rank's own, summed over the ranks below
             try:
-                tokens += accumulate(sums, probe)
+                n_tokens, usable = accumulate(sums, probe, skips)
             except torch.OutOfMemoryError:
                 raise SystemExit(oom_message(args, device)) from None
+            if models.ddp:
+                sums, n_tokens, skips, agreed = reduce_step(sums, n_tokens, usable, skips, stop_request.signum,
+                                                            args.grad_accum, optim, device, ranks)
+                pos.skipped.update(skips)
+            tokens += n_tokens
             grad_norm, adapter_norm = optimizer_step(optim, args.max_grad_norm)
             step += 1
             bad = [k for k in terms if not math.isfinite(sums[k])]
@@ -630,7 +803,9 @@ def main(argv: list[str] | None = None) -> dict:
                 record["adapter_grad_norm"] = float(adapter_norm)
             if probe:
                 record["grad_norms"] = probe
-            stop = (args.stop_after is not None and step - start_step >= args.stop_after) or stop_request.signum
+            # under torchrun the agreed signal (any rank's, before this step's reduction): every rank stops together
+            stop_signal = agreed if models.ddp else stop_request.signum
+            stop = (args.stop_after is not None and step - start_step >= args.stop_after) or stop_signal
             if heldout is not None and (step == total or stop or (args.eval_every and step % args.eval_every == 0)):
                 evaluate(record)
             history.append(record)
@@ -642,16 +817,20 @@ def main(argv: list[str] | None = None) -> dict:
             pbar.update(1)
             if step % args.save_every == 0 or step == total or stop:
                 state = {"step": step, "epoch": pos.epoch, "offset": pos.offset, "skipped": dict(pos.skipped),
-                         "args": vars(args)}
-                save_checkpoint(out, step, models.student, models.loss_fn if models.distill else None, optim.opt,
-                                optim.sched, state, tok_dir, args.keep, optim.masters)
+                         "world_size": ranks.world, "args": vars(args)}
+                if ranks.main:  # the ranks hold the same weights and optimizer state
+                    save_checkpoint(out, step, models.student, models.loss_fn if models.distill else None, optim.opt,
+                                    optim.sched, state, tok_dir, args.keep, optim.masters)
             if stop:
-                why = (signal.Signals(stop_request.signum).name if stop_request.signum else
+                why = (signal.Signals(stop_signal).name if stop_signal else
                        f"after {args.stop_after} steps (--stop-after)")
                 log.info(f"stopped at step {step} ({why}); continue with --resume")
                 break
     pbar.close()
     log_file.close()
+    if models.ddp:  # no rank exits (and has the launcher end the others) while rank 0 is still saving
+        dist.barrier()
+        dist.destroy_process_group()
     if pos.skipped:
         log.info("skipped samples: " + ", ".join(f"{k} {v}" for k, v in sorted(pos.skipped.items())))
     if history:
@@ -660,7 +839,7 @@ def main(argv: list[str] | None = None) -> dict:
                  ", ".join(f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in terms))
     log.info(f"checkpoint: {latest_checkpoint(out)}")
     return {"history": history, "evals": evals, "skipped": dict(pos.skipped),
-            "checkpoint": str(latest_checkpoint(out)), "signal": stop_request.signum}
+            "checkpoint": str(latest_checkpoint(out)), "signal": stop_signal if models.ddp else stop_request.signum}
 
 if __name__ == "__main__":
     try:

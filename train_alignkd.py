@@ -607,8 +607,8 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        log.info(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                 f"(send it again to abort without saving)")
+        log.info(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping"
+                 + (" (send it again to abort without saving)" if self.repeat_aborts else ""))
 
 
 def check_layout(info: dict, args: argparse.Namespace, ranks: Ranks) -> None:

@@ -54,6 +54,9 @@ DEFAULT_ARMS = tuple(ARMS)
 ARMS |= {  # lighter weights for the variants (not in the default run; pick them with --arms)
     "logit+kl_attn_w0.1": NORMALIZED + ["--w-attn", "0.1", "--w-proj-all", "0", "--w-proj-focus", "0"],
     "logit+student_proj_w0.1": NORMALIZED + ["--w-attn", "0", "--w-proj-all", "0.1", "--w-proj-focus", "0.1"],
+    # the paper's text-focused projector term alone, and with attention KL
+    "logit+proj_focus": PAPER + ["--w-attn", "0", "--w-proj-all", "0"],
+    "logit+kl_attn+proj_focus": PAPER + ["--attn-form", "kl", "--w-proj-all", "0"],
 }
 QUICK_ARMS = ("ce_only", "logit", "paper_full", "new_full")
 METRICS = {"acc": True, "ce": False, "grounding": True}  # what is read from the last evaluation; higher is better?

@@ -45,7 +45,7 @@ CAPTION_STAGE = (600, 16, 2e-3)
 TEACHER_STAGES = ((2000, 16, 2e-3), (1500, 16, 1e-3))
 STUDENT_CAPTION_STAGE = (300, 16, 3e-3)  # before either arm
 STUDENT_STAGE = (150, 8, 3e-3)
-DEMO_DISTILL_FLAGS: list[str] = []  # the trainer's defaults (logit KD + attention KL at weight 0.1)
+DEMO_DISTILL_FLAGS: list[str] = []  # the trainer's defaults (logit KD + attention KL + text-focused projector KD)
 
 
 def token_labels(scene: list[dict]) -> list[int]:

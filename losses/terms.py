@@ -112,9 +112,10 @@ ATTENTION = ("q0", "k0", "lse0")
 # --attn-form mse --w-attn 1 --w-proj-all 1 --w-proj-focus 1
 register_term(Term("logit", logit, 1.0, teacher=("hidden", "lm_head_weight"),
                    help="logit KD (forward or reverse KL, --kl, --temperature)"))
-register_term(Term("attn", lambda ctx: ctx.shared(attention_and_focus)[0], 0.1, teacher=ATTENTION,
-                   help="layer-0 text->vision attention alignment (form: --attn-form)"))
+register_term(Term("attn", lambda ctx: ctx.shared(attention_and_focus)[0], 1.0, teacher=ATTENTION,
+                   help="layer-0 text->vision attention alignment (form: --attn-form; the paper uses 1 with mse, "
+                        "whose value is ~1e-5 and moves nothing; kl transfers where the text looks)"))
 register_term(Term("proj_all", lambda ctx: ctx.shared(projection)[0], 0.0, teacher=("vision_tokens",),
                    help="projector KD on every vision token (the paper uses 1)"))
-register_term(Term("proj_focus", lambda ctx: ctx.shared(projection)[1], 0.0, teacher=("vision_tokens", *ATTENTION),
+register_term(Term("proj_focus", lambda ctx: ctx.shared(projection)[1], 1.0, teacher=("vision_tokens", *ATTENTION),
                    help="projector KD on the text-focused vision tokens (the paper uses 1)"))

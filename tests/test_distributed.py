@@ -18,7 +18,7 @@ import torch
 
 import train_alignkd
 from losses import logged_terms
-from tiny_run import tiny_args
+from tiny_run import signal_once_started, tiny_args
 
 STEPS = 4
 REPO = Path(train_alignkd.__file__).parent
@@ -116,22 +116,14 @@ def test_sigterm_to_the_launchers_group_and_one_rank_stops_all_after_one_step_an
     out = tmp_path / "run"
     argv = ["--output-dir", str(out), *tiny_args(tmp_path, total), "--num-workers", "1", "--save-every", "1000"]
     proc = _torchrun(argv, start_new_session=True)
-    pgid = os.getpgid(proc.pid)
-    try:
-        deadline = time.time() + 120
-        while not ((out / "log.jsonl").exists() and _log(out)):
-            assert proc.poll() is None and time.time() < deadline, "training did not start"
-            time.sleep(0.05)
+
+    def send(pgid: int) -> None:
         workers = _ranks_of(proc.pid)
         os.killpg(pgid, signal.SIGTERM)
         with contextlib.suppress(ProcessLookupError):
             os.kill(workers[-1], signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+
+    output = signal_once_started(proc, lambda: (out / "log.jsonl").exists() and bool(_log(out)), send)
     # (the launcher itself ends with a traceback of the signal it received: torchrun's, not the trainer's)
     assert 'train_alignkd.py", line' not in output and "KeyboardInterrupt" not in output, output[-4000:]
     n = _log(out)[-1]["step"]

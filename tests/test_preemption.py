@@ -16,7 +16,7 @@ import torch
 
 import train_alignkd
 from model import MobileVLM
-from tiny_run import tiny_args
+from tiny_run import signal_once_started, tiny_args
 
 STEPS = 8
 
@@ -44,18 +44,8 @@ def test_signal_to_the_process_group_with_workers_saves_once_and_resumes(tmp_pat
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     pgid = os.getpgid(proc.pid)
-    try:
-        deadline = time.time() + 120
-        while not _steps(out):
-            assert proc.poll() is None and time.time() < deadline, "training did not start"
-            time.sleep(0.02)
-        os.killpg(pgid, signum)  # the main process and both DataLoader workers
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # the signal goes to the main process and both DataLoader workers
+    output = signal_once_started(proc, lambda: bool(_steps(out)), lambda pgid: os.killpg(pgid, signum))
     assert proc.returncode == 128 + signum, output[-3000:]
     assert "Traceback" not in output and "DataLoader worker" not in output, output[-3000:]
     n = _steps(out)[-1]

@@ -2,6 +2,11 @@
 student in the official checkpoint layout (made once under ROOT/demo_assets)."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.soak import make_assets
@@ -17,3 +22,22 @@ def tiny_args(root: str | Path, steps: int | str) -> list[str]:
     return ["--data", str(assets / "synthetic_mixed.json"), "--image-folder", str(assets), "--template", "v1",
             "--student", str(assets / "student"), "--teacher", str(assets / "teacher"), "--max-steps", str(steps),
             "--lr", "3e-3", "--batch-size", "4", "--max-len", "512", "--save-every", str(steps), *PAPER]
+
+
+def signal_once_started(proc: subprocess.Popen, started: Callable[[], bool], send: Callable[[int], None],
+                        timeout: float = 120) -> str:
+    """Wait until `started()` (the run has logged a step), call `send(pgid)` to signal the run, and return its output.
+    `proc` runs in its own session; its process group is killed whatever happens, so no test leaves workers behind."""
+    pgid = os.getpgid(proc.pid)
+    try:
+        deadline = time.time() + timeout
+        while not started():
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.02)
+        send(pgid)
+        return proc.communicate(timeout=timeout)[0]
+    finally:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -26,8 +26,9 @@ def tiny_args(root: str | Path, steps: int | str) -> list[str]:
 
 def signal_once_started(proc: subprocess.Popen, started: Callable[[], bool], send: Callable[[int], None],
                         timeout: float = 120) -> str:
-    """Wait until `started()` (the run has logged a step), call `send(pgid)` to signal the run, and return its output.
-    `proc` runs in its own session; its process group is killed whatever happens, so no test leaves workers behind."""
+    """Wait until `started()` (the run has logged a step), call `send(pgid)` to signal the run, and return its output
+    once every process of its group (the run's workers too) has exited. `proc` runs in its own session; its process
+    group is killed afterwards whatever happened, so no test leaves workers behind."""
     pgid = os.getpgid(proc.pid)
     try:
         deadline = time.time() + timeout
@@ -35,9 +36,24 @@ def signal_once_started(proc: subprocess.Popen, started: Callable[[], bool], sen
             assert proc.poll() is None and time.time() < deadline, "training did not start"
             time.sleep(0.02)
         send(pgid)
-        return proc.communicate(timeout=timeout)[0]
+        output = proc.communicate(timeout=timeout)[0]
+        assert_group_exits(pgid)
+        return output
     finally:
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def assert_group_exits(pgid: int, timeout: float = 15) -> None:
+    """Fail unless every process of the group has exited within `timeout` s (a DataLoader worker or a rank that
+    outlives its run)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.time() < deadline, f"a process of group {pgid} outlived the run"
+        time.sleep(0.1)

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluation.benchmarks import (BENCHMARKS, AnswerFileError, MissingDataError, Question, answer_key, answers_by_key,
-                             check_data, limit_questions, load_questions, read_answer_records)
+from evaluation.benchmarks import (BENCHMARKS, AnswerFileError, MissingDataError, Question, QuestionFileError,
+                                   answer_key, answers_by_key, check_data, limit_questions, load_questions,
+                                   read_answer_records)
 from data.constants import NUM_IMAGE_TOKENS
 from data.images import process_image
 from evaluation.scorers import score_benchmark
@@ -172,10 +173,23 @@ def _details(bench: str, r: dict) -> str:
         f"  [answered {r['answered']}/{r['expected']}]"
 
 
+def read_metrics(path: Path) -> dict:
+    """A metrics.json written by this script, or a clear exit naming what is wrong with it."""
+    try:
+        m = json.loads(path.read_text())
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {path}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path} is not JSON ({e})")
+    if not isinstance(m, dict) or not isinstance(m.get("summary"), dict):
+        raise SystemExit(f"error: {path} is not a metrics.json written by eval.py (no \"summary\" table)")
+    return m
+
+
 def compare(files: list[str], chart: str | None) -> str:
     rows, counts = [], []
     for f in files:
-        m = json.loads(Path(f).read_text())
+        m = read_metrics(Path(f))
         rows.append((Path(m.get("model", f)).name or f, m["summary"]))
         counts.append(answer_counts(m))
     table = format_table(rows, counts)
@@ -385,7 +399,7 @@ def cli(argv: list[str] | None = None) -> None:
     """main() as the command line runs it: an expected failure is one `error: ...` line and exit status 1."""
     try:
         main(argv)
-    except (MissingDataError, AnswerFileError, EvalError) as e:
+    except (MissingDataError, AnswerFileError, QuestionFileError, EvalError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -133,27 +133,48 @@ class Question:
         return Image.open(self.image).convert("RGB")
 
 
+class QuestionFileError(ValueError):
+    """A benchmark's question file that cannot be read; the message names the file (and line or record)."""
+
+
+def _field_problem(e: Exception) -> str:
+    return f"missing field {e}" if isinstance(e, KeyError) else f"unexpected layout ({e})"
+
+
 def read_llava_jsonl(bench: str, path: str | Path, image_dir: str | Path) -> list[Question]:
     """GQA, TextVQA, POPE, MME (model_vqa_loader): the `text` field is the question, suffix included."""
     out = []
-    for line in Path(path).read_text().splitlines():
+    for k, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        r = json.loads(line)
-        out.append(Question(bench, r["question_id"], r["text"], r["text"], image=Path(image_dir) / r["image"],
-                            category=r.get("category")))
+        try:
+            r = json.loads(line)
+            out.append(Question(bench, r["question_id"], r["text"], r["text"], image=Path(image_dir) / r["image"],
+                                category=r.get("category")))
+        except json.JSONDecodeError as e:
+            raise QuestionFileError(f"{path}:{k}: not a JSON line ({e.msg} at column {e.colno})") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise QuestionFileError(f"{path}:{k}: {_field_problem(e)}") from None
     return out
 
 
 def read_sqa(path: str | Path, image_dir: str | Path) -> list[Question]:
     """ScienceQA (model_vqa_science with --single-pred-prompt); questions without an image run text-only."""
+    try:
+        records = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise QuestionFileError(f"{path}: not JSON ({e})") from None
     out = []
-    for r in json.loads(Path(path).read_text()):
-        text = r["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip() + "\n" + LETTER_ANSWER
-        image = Path(image_dir) / r["image"] if "image" in r else None
-        prompt = DEFAULT_IMAGE_TOKEN + "\n" + text if image else text  # this script's prompt field keeps the tag
-        out.append(Question("sqa", r["id"], prompt, text, image=image, image_mode="square",
-                            answer=r["conversations"][1]["value"]))
+    for k, r in enumerate(records if isinstance(records, list) else [records]):
+        try:
+            text = r["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip() + "\n" + LETTER_ANSWER
+            image = Path(image_dir) / r["image"] if "image" in r else None
+            prompt = DEFAULT_IMAGE_TOKEN + "\n" + text if image else text  # this script's prompt field keeps the tag
+            out.append(Question("sqa", r["id"], prompt, text, image=image, image_mode="square",
+                                answer=r["conversations"][1]["value"]))
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise QuestionFileError(f"{path}: record {k}: {_field_problem(e)} (expected a list of LLaVA records "
+                                    "with id, conversations and optional image)") from None
     return out
 
 
@@ -169,6 +190,10 @@ def read_mmbench(path: str | Path) -> list[Question]:
     import pandas as pd
 
     table = pd.read_table(path)  # pandas defaults on purpose: "NA", "None" etc. become NaN as in the reference
+    missing = [c for c in ("index", "question", "hint", "answer", "image", *MMBENCH_OPTIONS) if c not in table.columns]
+    if missing:
+        raise QuestionFileError(f"{path}: no column {', '.join(missing)} (an MMBench dev TSV has index, question, "
+                                "hint, A-D, answer, image)")
     # VLMEvalKit's repackaged TSVs give a copy, instead of the base64, the index of the row that holds its image
     images = {str(i): im for i, im in zip(table["index"], table["image"]) if isinstance(im, str) and len(im) > 64}
     out = []

@@ -356,3 +356,33 @@ def test_demo_with_a_trained_checkpoint(tiny_and_tokenizer, tmp_path, monkeypatc
     # the random model does not take over the checkpoint's answers
     with pytest.raises(SystemExit, match=f"holds answers of model '{tmp_path / 'ckpt'}', not 'tiny-demo'"):
         ev.main(["--bench", "demo", "--out", str(a)])
+
+
+def test_compare_refuses_a_file_that_is_not_metrics_json(tmp_path):
+    def error(path):
+        with pytest.raises(SystemExit) as exc:
+            ev.main(["--compare", str(path)])
+        return exc.value.code
+
+    (tmp_path / "bad.json").write_text('{"model": "m", "summ')
+    (tmp_path / "other.json").write_text('{"model": "m", "scores": {}}')
+    assert error(tmp_path / "missing.json").startswith(f"error: cannot read {tmp_path / 'missing.json'}")
+    assert error(tmp_path / "bad.json").startswith(f"error: {tmp_path / 'bad.json'} is not JSON")
+    assert error(tmp_path / "other.json") == (f"error: {tmp_path / 'other.json'} is not a metrics.json written by "
+                                              "eval.py (no \"summary\" table)")
+
+
+def test_a_damaged_question_file_is_one_error_line(synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    pope = root / QUESTION_FILES["pope"]
+    lines = pope.read_text().splitlines()
+    pope.write_text("\n".join([lines[0], '{"question_id": 7, "image": "x.jpg"}', *lines[1:]]) + "\n")
+    sqa = root / QUESTION_FILES["sqa"]
+    sqa.write_text(sqa.read_text()[:-5])
+    for bench, first in (("pope", f"error: {pope}:2: missing field 'text'"), ("sqa", f"error: {sqa}: not JSON")):
+        proc = subprocess.run([sys.executable, "eval.py", "--bench", bench, "--score-only", "--answers",
+                               str(tmp_path / "none.jsonl"), "--data-root", str(root), "--out", str(tmp_path / "o")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and proc.stderr.startswith(first), proc.stderr[-2000:]
+        assert len(proc.stderr.splitlines()) == 1

@@ -24,11 +24,14 @@ distribution metadata exists). Run from the repo root, those probes find this pa
   ``is_kernels_available()`` is False and nothing tries ``from kernels import CUDAProperties, ...``);
 - import nothing heavy or circular at import time (no triton, no transformers, no bitsandbytes): the probes import it
   while those libraries are half initialized.
+bitsandbytes' failed probe logs a warning that asks to `pip install kernels` (which would fetch a kernel from the hub
+at run time, which alignkd never does); this package drops that one message, since it is what caused it.
 tests/test_import_hazard.py checks all of this in a subprocess started in the repo root.
 """
 from __future__ import annotations
 
 import importlib.metadata as _metadata
+import logging as _logging
 import warnings as _warnings
 
 from .dispatch import (
@@ -77,3 +80,12 @@ def _warn_if_hub_kernels_installed() -> None:
 
 
 _warn_if_hub_kernels_installed()
+
+
+class _NoHubKernelAdvice(_logging.Filter):
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "kernels-community" not in str(record.msg)
+
+
+# installed when bitsandbytes' probe imports this package, before the probe fails and logs
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernelAdvice())

@@ -110,6 +110,7 @@ def _check(res: dict) -> None:
     assert not res["has_version"] and res["hub_names"] == [] and res["ours"]
     assert res["our_loss"] >= 0.0 and res["our_fn_module"] == "kernels.dispatch"
     assert "Traceback" not in res["stderr"], res["stderr"][-3000:]
+    assert "kernels-community" not in res["stderr"], res["stderr"][-3000:]  # no advice to fetch hub kernels
 
 
 def test_our_package_first_then_bitsandbytes_and_transformers():

@@ -192,6 +192,10 @@ def same_vision_tower(a: MobileVLM, b: MobileVLM) -> bool:
         sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device, sa[k].dtype)) for k in sa)
 
 
+def term_weights(args: argparse.Namespace) -> dict[str, float]:
+    return {name: getattr(args, "w_" + name) for name in TERMS}
+
+
 def resolve_quant(args: argparse.Namespace, device: torch.device) -> str:
     return args.teacher_dtype if args.teacher_dtype != "auto" else ("nf4" if device.type == "cuda" else "bf16")
 
@@ -220,7 +224,8 @@ def prepare_teacher_cache(args: argparse.Namespace, dataset, tokenizer, data_des
     expected = make_manifest(teacher_id, tokenizer_fingerprint(tokenizer), json_path, image_folder, template,
                              image_mode, args.max_len, len(dataset), args.cache_shard_size, dtype)
     try:
-        state = check_cache(args.cache_teacher, expected, check_quant=args.teacher_dtype != "auto")
+        state = check_cache(args.cache_teacher, expected, check_quant=args.teacher_dtype != "auto",
+                            weights=term_weights(args))
         if state != "complete":
             if teacher_id is None:
                 raise SystemExit(f"error: teacher cache {args.cache_teacher} is {state}: pass --teacher to build it")
@@ -294,9 +299,9 @@ def prepare_models(args: argparse.Namespace, student: MobileVLM, teacher: Mobile
     loss_fn = AlignKDLoss(
         teacher_heads=t_shape.num_heads, student_heads=student.num_heads,
         teacher_dim=t_shape.hidden_size, student_dim=student.hidden_size,
-        weights={name: getattr(args, "w_" + name) for name in TERMS}, topk=args.topk, kl=args.kl,
-        temperature=args.temperature, backend=args.backend, attn_form=args.attn_form,
-        proj_side=args.proj_side).to(device)
+        weights=term_weights(args), topk=args.topk, kl=args.kl, temperature=args.temperature, backend=args.backend,
+        attn_form=args.attn_form, proj_side=args.proj_side,
+        skip=cache.terms_without_fields() if cache is not None else ()).to(device)
     return Models(student, loss_fn, device, dtype, teacher, cache, shared_vision, distill=not args.no_distill)
 
 

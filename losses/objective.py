@@ -15,12 +15,13 @@ checkpoint:
   slice hs, rows summing to 1), so the initial target is a valid attention row. Bias 0.
 - ``proj``: nn.Linear, the projection adapter (d_t -> d_s on the teacher's tokens, or d_s -> d_t on the student's
   with ``proj_side="student"``); PyTorch's default init.
+- ``term_adapters``: the modules of registered terms that bring their own (``Term.adapter``), by term name.
 
 Returned dict: "loss" carries the gradients; "ce" and each registered term are detached fp32 values for logging.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -47,6 +48,17 @@ def head_average_init(student_heads: int, teacher_heads: int) -> torch.Tensor:
     return w.float()
 
 
+def check_skip(skip: Collection[str], weights: Mapping[str, float]) -> frozenset[str]:
+    """The terms not to compute: each registered, at weight 0 (a weighted one needs its value), and not the one
+    fused with the CE (that pass needs the teacher's logits)."""
+    skip = frozenset(skip)
+    bad = sorted(n for n in skip if n not in weights or weights[n] != 0.0 or n == FUSED_WITH_CE)
+    if bad:
+        raise ValueError(f"terms {bad} cannot be skipped: only registered terms at weight 0, other than "
+                         f"{FUSED_WITH_CE!r} (computed with the CE)")
+    return skip
+
+
 class TermContext:
     """One micro-batch as a term sees it: both sides, the batch layout, the objective (options, adapters, weights)
     and the supervised rows. ``shared(fn)`` computes fn(ctx) once for every term that asks (one attention pass
@@ -64,6 +76,10 @@ class TermContext:
         """[N, H_t] the teacher's hidden states at the supervised rows (no gradient)."""
         return self.teacher.hidden[:, :-1][self.rows].detach()
 
+    def adapter(self, name: str) -> nn.Module:
+        """The trainable module of term ``name`` (its ``Term.adapter``), owned by the objective."""
+        return self.loss_fn.term_adapters[name]
+
     def shared(self, fn: Callable[["TermContext"], Any]) -> Any:
         if fn not in self._shared:
             self._shared[fn] = fn(self)
@@ -75,12 +91,13 @@ class AlignKDLoss(nn.Module):
     paper's literal MSE of attention probabilities through the 1x1 conv over heads; "kl" is KL(mix of the teacher's
     vision-renormalized attention || the student's). ``proj_side``: "teacher" is the paper's adapter A(V_t) ~ V_s;
     "student" is A(V_s) ~ V_t, which the adapter cannot fit unless the student's tokens carry what the teacher's
-    do."""
+    do. ``skip``: terms at weight 0 whose teacher tensors the run lacks (a teacher cache built without them): not
+    computed, logged as 0 as under ``distill=False``."""
 
     def __init__(self, teacher_heads: int, student_heads: int, teacher_dim: int, student_dim: int,
                  weights: Mapping[str, float] | None = None, topk: int = 16, kl: str = "forward",
                  temperature: float = 1.0, backend: str = "auto", chunk_rows: int = dispatch.DEFAULT_CHUNK_ROWS,
-                 attn_form: str = "mse", proj_side: str = "teacher"):
+                 attn_form: str = "mse", proj_side: str = "teacher", skip: Collection[str] = ()):
         super().__init__()
         weights = dict(weights or {})
         if set(weights) - set(TERMS):
@@ -108,6 +125,11 @@ class AlignKDLoss(nn.Module):
         self.topk, self.kl, self.temperature = int(topk), kl, float(temperature)
         self.backend, self.chunk_rows = backend, int(chunk_rows)
         self.attn_form, self.proj_side = attn_form, proj_side
+        self.teacher_heads, self.student_heads = teacher_heads, student_heads
+        self.teacher_dim, self.student_dim = teacher_dim, student_dim
+        self.skip = check_skip(skip, self.weights)
+        # last: a term's factory reads the options, and the built-in adapters keep the random init they had alone
+        self.term_adapters = nn.ModuleDict({name: t.adapter(self) for name, t in TERMS.items() if t.adapter})
 
     def extra_repr(self) -> str:
         weights = " ".join(f"{k}={w}" for k, w in self.weights.items())
@@ -130,7 +152,9 @@ class AlignKDLoss(nn.Module):
             return {"loss": ce, "ce": ce if separate else ce.detach(), **{name: zero for name in TERMS}}
         if teacher is None:
             raise ValueError("distill=True needs the teacher's KDSide")
-        values = {name: term.fn(ctx) for name, term in TERMS.items() if name != FUSED_WITH_CE}
+        zero = torch.zeros((), dtype=torch.float32, device=ctx.h_s.device)
+        values = {name: term.fn(ctx) if name not in self.skip else zero for name, term in TERMS.items()
+                  if name != FUSED_WITH_CE}
         if separate:
             terms = {"ce": dispatch.chunked_cross_entropy(ctx.h_s, w_s, ctx.targets, self.chunk_rows)}
             for name, term in TERMS.items():

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn as nn
 
 from .inputs import SIDE_FIELDS
 
 if TYPE_CHECKING:
-    from .objective import TermContext
+    from .objective import AlignKDLoss, TermContext
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class Term:
     weight: float  # the trainer's default weight (0: computed and logged, no gradient)
     help: str = ""
     teacher: tuple[str, ...] = ()  # KDSide fields read from the teacher (the teacher cache stores them)
+    # the term's own trainable module, made from the objective's sizes (teacher_heads, student_heads, teacher_dim,
+    # student_dim) and options; None: the term trains nothing of its own
+    adapter: Callable[["AlignKDLoss"], nn.Module] | None = None
 
 
 TERMS: dict[str, Term] = {}  # in the order they are summed, logged and shown

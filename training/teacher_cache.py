@@ -1,13 +1,16 @@
 """Teacher cache (`train_alignkd.py --cache-teacher DIR`): what the Align-KD losses need from the teacher, stored once.
 
 One pass runs the frozen teacher over the dataset and stores, per sample (keyed by dataset index), exactly the
-tensors `AlignKDLoss` reads from the teacher's `KDSide`; later runs (more epochs, ablations of weights/KL/topk/
-temperature) rebuild that `KDSide` from disk and never load the teacher. Nothing is approximated: the tensors are
+tensors `AlignKDLoss` reads from the teacher's `KDSide`: of the fields that the registered terms name in
+`Term.teacher` (`losses.teacher_fields()`, recorded in the manifest as "fields"), the positions the terms read.
+Later runs (more epochs, ablations of weights/KL/topk/temperature) rebuild that `KDSide` from disk and never load
+the teacher. Nothing is approximated: the tensors are
 stored in the dtype the teacher produced them in (bf16 on CUDA, fp32 on CPU), so a run from the cache computes the
 same losses as a live teacher, up to the summation order of differently composed teacher batches.
 
-What is stored, and why it is enough (H teacher width, Ht heads, Hkv key/value heads, D head dim, n the sample's
-spliced length with the image as 144 tokens, right padding so positions do not depend on the batch):
+What is stored of each field (`STORED`), and why it is enough (H teacher width, Ht heads, Hkv key/value heads,
+D head dim, n the sample's spliced length with the image as 144 tokens, right padding so positions do not depend on
+the batch):
 - logit KD: `hidden` [n_sup, H], the final normed hidden states at the supervised rows (rows i with
   labels[i + 1] != -100, the only rows `AlignKDLoss` reads: `teacher.hidden[:, :-1][rows]`), plus the teacher's
   lm_head weight [V, H] once per cache. Exact: the KD recomputes the full-vocabulary teacher softmax as a live
@@ -20,10 +23,16 @@ spliced length with the image as 144 tokens, right padding so positions do not d
   exactly (`teacher_lse=`), so the other L - 144 keys need not be stored. Keys are stored before the GQA repeat and
   repeated on read. Samples without text after an image have no pairs and store none of the three.
 - projection KD: `vision` [144, H], the teacher's projector outputs, for samples with an image.
+
+A run refuses a cache that lacks a field some term with a nonzero weight reads (`check_fields`); terms at weight 0
+whose fields it lacks are not computed (logged as 0). A manifest without "fields" is from before they followed the
+registry and holds all six (`V2_FIELDS`). A new KDSide field is cached by one `STORED` entry.
+
 On read, `TeacherCache.teacher_side` scatters these into a batch-shaped `KDSide`: hidden [B, L, H] with zeros off the
 supervised rows, q0/k0 [B, Ht, L, D] with zeros off the text rows / vision positions and lse0 [B, Ht, L] with -inf off
 the text rows (the loss reads only text query rows and vision key columns, and skips samples without pairs), vision
-tokens [B, 144, H] (zeros for text-only samples, which the loss ignores). Each sample's layout (length,
+tokens [B, 144, H] (zeros for text-only samples, which the loss ignores); a field that no sample of the batch
+stores, or that the cache does not hold, is None. Each sample's layout (length,
 supervised-row count, image start, text-row count) is checked against the batch, so a cache that does not fit the
 data fails loudly instead of training on garbage.
 
@@ -34,8 +43,9 @@ thousand samples. Use it for ablations and repeated epochs on subsets, not for a
 
 Layout of DIR:
     manifest.json          what the cache was made from (`make_manifest`); compared on open (`compare_manifests`)
-    lm_head.safetensors    the teacher's lm_head weight
-    shards/NNNNNNNN.safetensors   samples [s * shard_size, (s + 1) * shard_size): tensors "{index}/hidden|q|k|vision",
+    lm_head.safetensors    the teacher's lm_head weight (when "lm_head_weight" is a field)
+    shards/NNNNNNNN.safetensors   samples [s * shard_size, (s + 1) * shard_size): tensors
+                           "{index}/hidden|q|k|lse|vision",
                            metadata "samples" = JSON {index: {n, n_sup, vision_start, n_text} or {skip: reason}}
     index.json             written last: the cache is complete (counts, bytes)
 Every file is written to a temporary name and renamed (atomic); a shard is written only when all its samples are
@@ -50,6 +60,8 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +72,14 @@ from data.constants import IGNORE_INDEX, NUM_IMAGE_TOKENS
 from data.dataset import Collator
 from data.workers import ignore_stop_signals, iterate as iterate_loader
 from kernels import attention_row_lse
-from losses import KDSide
+from losses import TERMS, KDSide, flag, teacher_fields
 
 log = logging.getLogger("alignkd")
 
 FORMAT = "alignkd-teacher-cache"
 VERSION = 2  # 2: vision-column keys + text-row LSEs (1 stored every key)
+V2_FIELDS = ("hidden", "lm_head_weight", "q0", "k0", "vision_tokens", "lse0")  # a manifest without "fields"
+SHARED = "lm_head_weight"  # stored once per cache (lm_head.safetensors), not per sample
 DEFAULT_SHARD_SIZE = 64
 _WHOLE_FILE_LIMIT = 64 * 2**20  # weight files up to this size are hashed whole
 _WINDOWS, _WINDOW = 1024, 4096  # larger ones: 1024 windows of 4 KiB spread evenly, first and last included
@@ -75,11 +89,104 @@ class CacheMismatch(Exception):
     """The cache in DIR was made from something else (teacher, tokenizer, data, settings) or is damaged."""
 
 
+# ---- what a sample stores of each field ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """One sample's place in the spliced, right-padded sequence, which positions its stored tensors."""
+
+    n: int  # valid length
+    vision_start: int  # first image position, -1 without an image
+    n_text: int  # text rows after the image: the query rows of the pairs (text row, image key)
+    rows: torch.Tensor | None = None  # supervised rows i (labels[i + 1] != -100); None where only `when` is asked
+
+    @classmethod
+    def of(cls, meta: dict[str, Any], rows: torch.Tensor | None = None) -> "Layout":
+        return cls(meta["n"], meta["vision_start"], meta["n_text"], rows)
+
+    def always(self) -> bool:
+        return True
+
+    def has_image(self) -> bool:
+        return self.vision_start >= 0
+
+    def has_text(self) -> bool:
+        return self.n_text > 0
+
+    def supervised(self) -> torch.Tensor:
+        return self.rows
+
+    def text_rows(self) -> slice:
+        return slice(self.vision_start + NUM_IMAGE_TOKENS, self.n)
+
+    def image_positions(self) -> slice:
+        return slice(self.vision_start, self.vision_start + NUM_IMAGE_TOKENS)
+
+    def whole(self) -> slice:
+        return slice(None)
+
+
+@dataclass(frozen=True)
+class StoredField:
+    """How a sample keeps one teacher field of `KDSide` (a batch's is [B, ...]): when `when`, the positions `at`
+    along dimension `dim` of its own tensor, the only ones the losses read; a batch holds `fill` elsewhere."""
+
+    key: str  # the tensor's name in a shard: "{index}/{key}"
+    when: Callable[[Layout], bool]
+    at: Callable[[Layout], torch.Tensor | slice]
+    dim: int  # of one sample's tensor
+    seq: bool = True  # `dim` is the sequence, of the batch's length; False: the sample keeps its whole tensor
+    fill: float = 0.0
+    kv_heads: bool = False  # keys: dim 0 stored before the GQA repeat, repeated to the query heads on read
+    fp32: bool = False  # read in fp32 whatever the run's dtype (the LSEs)
+
+
+STORED = {
+    "hidden": StoredField("hidden", Layout.always, Layout.supervised, dim=0),  # [n_sup, H]
+    "q0": StoredField("q", Layout.has_text, Layout.text_rows, dim=1),  # [Ht, n_text, D]
+    "k0": StoredField("k", Layout.has_text, Layout.image_positions, dim=1, kv_heads=True),  # [Hkv, 144, D]
+    "lse0": StoredField("lse", Layout.has_text, Layout.text_rows, dim=1, fill=float("-inf"), fp32=True),
+    "vision_tokens": StoredField("vision", Layout.has_image, Layout.whole, dim=0, seq=False),  # [144, H]
+}
+
+
+def along(dim: int, at: torch.Tensor | slice) -> tuple:
+    """The index that selects positions `at` of dimension `dim`."""
+    return (slice(None),) * dim + (at,)
+
+
+def cache_fields(manifest: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(manifest.get("fields", V2_FIELDS))
+
+
+def lacking(fields: Collection[str]) -> dict[str, list[str]]:
+    """The registered terms that read a teacher field not in `fields`, with those fields."""
+    return {name: [f for f in t.teacher if f not in fields] for name, t in TERMS.items()
+            if not set(t.teacher) <= set(fields)}
+
+
+def check_fields(folder: str | Path, fields: Collection[str], weights: Mapping[str, float]) -> None:
+    """Refuse a cache that lacks a teacher field which a term with a nonzero weight reads; the terms at weight 0
+    that read such a field are not computed (`AlignKDLoss(skip=...)`)."""
+    missing = lacking(fields)
+    weighted = {name: m for name, m in missing.items() if weights[name] != 0.0}
+    if weighted:
+        what = "; ".join(f"{name} ({flag(name)} {weights[name]:g}) reads {', '.join(m)}"
+                         for name, m in weighted.items())
+        raise CacheMismatch(f"teacher cache {folder} holds the teacher's {', '.join(fields)}, but {what}. Build the "
+                            f"cache anew in another --cache-teacher folder (it stores what the registered terms read), "
+                            f"or give these terms weight 0")
+    if missing:
+        log.info(f"teacher cache {folder} lacks what {', '.join(missing)} read: at weight 0 they are not computed "
+                 f"(logged as 0)")
+
+
 # ---- sizes -----------------------------------------------------------------------------------------------------------
 
 def sample_bytes(n: int, n_text: int, n_sup: int, has_image: bool, hidden: int = 4096, heads: int = 32,
                  kv_heads: int = 32, head_dim: int = 128, element_size: int = 2) -> int:
-    """Tensor bytes one sample takes in the cache (defaults: the bf16 MobileVLM V2-7B teacher; LSEs are fp32)."""
+    """Tensor bytes one sample takes in a cache of the built-in terms' fields (`V2_FIELDS`; defaults: the bf16
+    MobileVLM V2-7B teacher; LSEs are fp32)."""
     total = n_sup * hidden
     lse = 0
     if has_image:
@@ -133,9 +240,16 @@ def teacher_shapes(config: dict[str, Any]) -> dict[str, int]:
 
 def make_manifest(teacher: dict[str, Any] | None, tokenizer: str, json_path: str | Path, image_folder: str | Path,
                   template: str, image_mode: str, max_len: int, num_samples: int,
-                  shard_size: int = DEFAULT_SHARD_SIZE, dtype: torch.dtype | None = None) -> dict[str, Any]:
+                  shard_size: int = DEFAULT_SHARD_SIZE, dtype: torch.dtype | None = None,
+                  fields: Collection[str] | None = None) -> dict[str, Any]:
     """What a cache is made from. `teacher` is `teacher_fingerprint(...)` (None: not known, i.e. not checked);
-    `tokenizer` is `data.tokenizer_fingerprint(...)` of the tokenizer that tokenizes the data."""
+    `tokenizer` is `data.tokenizer_fingerprint(...)` of the tokenizer that tokenizes the data; `fields` the teacher
+    fields it stores (default: what the registered terms read)."""
+    fields = tuple(teacher_fields() if fields is None else fields)
+    unknown = sorted(set(fields) - set(STORED) - {SHARED})
+    if unknown:
+        raise ValueError(f"the teacher cache does not know how to store KDSide fields {unknown}: add them to "
+                         f"STORED in training/teacher_cache.py")
     st = Path(json_path).stat()
     return {
         "format": FORMAT, "version": VERSION,
@@ -147,6 +261,7 @@ def make_manifest(teacher: dict[str, Any] | None, tokenizer: str, json_path: str
         "template": template, "image_mode": image_mode, "max_len": int(max_len), "num_samples": int(num_samples),
         "shard_size": int(shard_size),
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "fields": list(fields),
     }
 
 
@@ -277,9 +392,11 @@ def missing_shards(folder: str | Path, manifest: dict[str, Any]) -> list[int]:
     return [s for s in range((n + size - 1) // size) if not shard_path(Path(folder), s).is_file()]
 
 
-def check_cache(folder: str | Path, expected: dict[str, Any], check_quant: bool = True) -> str:
+def check_cache(folder: str | Path, expected: dict[str, Any], check_quant: bool = True,
+                weights: Mapping[str, float] | None = None) -> str:
     """"empty" (nothing there yet), "partial" (a matching build to resume) or "complete"; raises CacheMismatch when
-    DIR holds a cache made from something else."""
+    DIR holds a cache made from something else, or (given the run's term weights) lacks what a weighted term reads.
+    A cache that holds more fields than the run's terms read serves."""
     folder = Path(folder)
     cached = read_manifest(folder)
     if cached is None:
@@ -291,36 +408,37 @@ def check_cache(folder: str | Path, expected: dict[str, Any], check_quant: bool 
     if diffs:
         raise CacheMismatch(f"teacher cache {folder} was made with another " + "; another ".join(diffs) +
                             ". Use another --cache-teacher folder, or delete this one to rebuild it.")
-    if (folder / "index.json").is_file() and (folder / "lm_head.safetensors").is_file() \
-            and not missing_shards(folder, cached):
+    if weights is not None:
+        check_fields(folder, cache_fields(cached), weights)
+    lm_head_done = SHARED not in cache_fields(cached) or (folder / "lm_head.safetensors").is_file()
+    if (folder / "index.json").is_file() and lm_head_done and not missing_shards(folder, cached):
         return "complete"
     return "partial"
 
 
 # ---- building --------------------------------------------------------------------------------------------------------
 
-def _sample_record(t, lse: torch.Tensor, b: int, kv_groups: int) -> dict[str, Any]:
-    """The cached tensors of batch row b of a teacher output `t` (a MobileVLMOutput made with labels) whose layer-0
-    text-row LSEs are `lse` [B, Ht, L]."""
+def _sample_record(t, side: KDSide, b: int, kv_groups: int, fields: Collection[str]) -> dict[str, Any]:
+    """The cached tensors of batch row b: of each of `fields` of the teacher's `side`, what `STORED` keeps. `t` is the
+    MobileVLMOutput (made with labels) that gives the sample's layout."""
     mm = t.mm
     n = int(mm.attention_mask[b].sum())
     rows = (mm.labels[b, 1:] != IGNORE_INDEX).nonzero().flatten()
-    tensors = {"hidden": t.hidden_states[b].index_select(0, rows)}
-    has_image = bool(mm.has_image[b])
     vs = int(mm.vision_start[b])
     text = mm.text_mask[b].nonzero().flatten()
-    n_text = int(text.numel())
-    if n_text:
-        lo = vs + NUM_IMAGE_TOKENS
-        if int(text[0]) != lo or int(text[-1]) != n - 1 or n_text != n - lo:
-            raise RuntimeError(f"unexpected text rows {int(text[0])}..{int(text[-1])} for image at {vs}, length {n}")
-        tensors["q"] = t.q0[b, :, lo:n]
-        tensors["k"] = t.k0[b, ::kv_groups, vs:lo]
-        tensors["lse"] = lse[b, :, lo:n]
-    if has_image:
-        tensors["vision"] = mm.vision_tokens[b]
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
-    meta = {"n": n, "n_sup": int(rows.numel()), "vision_start": vs, "n_text": n_text}
+    layout = Layout(n, vs, int(text.numel()), rows)
+    lo = vs + NUM_IMAGE_TOKENS  # the text rows are one run from the image's end to the sequence's
+    if layout.has_text() and (int(text[0]), int(text[-1]), layout.n_text) != (lo, n - 1, n - lo):
+        raise RuntimeError(f"unexpected text rows {int(text[0])}..{int(text[-1])} for image at {vs}, length {n}")
+    tensors = {}
+    for name in fields:
+        stored = STORED.get(name)
+        if stored is None or not stored.when(layout):  # the lm_head weight is stored once, not per sample
+            continue
+        x = getattr(side, name)[b]
+        x = x[::kv_groups] if stored.kv_heads else x
+        tensors[stored.key] = x[along(stored.dim, stored.at(layout))].detach().to("cpu").clone().contiguous()
+    meta = {"n": n, "n_sup": int(rows.numel()), "vision_start": vs, "n_text": layout.n_text}
     return {"meta": meta, "tensors": tensors}
 
 
@@ -340,7 +458,8 @@ def build_cache(folder: str | Path, teacher, dataset, manifest: dict[str, Any], 
     for stale in list(folder.glob(".*.tmp-*")) + list((folder / "shards").glob(".*.tmp-*")):
         stale.unlink()  # a write interrupted between save and rename
     device = teacher.device
-    if not (folder / "lm_head.safetensors").is_file():
+    fields = cache_fields(cached)
+    if SHARED in fields and not (folder / "lm_head.safetensors").is_file():
         _save_safetensors(folder / "lm_head.safetensors",
                           {"weight": teacher.lm_head.weight.detach().to("cpu").clone().contiguous()},
                           {"format": FORMAT, "version": str(VERSION)})
@@ -368,10 +487,12 @@ def build_cache(folder: str | Path, teacher, dataset, manifest: dict[str, Any], 
                     feats = teacher.encode_images(images[has_image]) if bool(has_image.any()) else None
                     t = teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                 labels=batch["labels"].to(device), image_features=feats, compute_logits=False)
-                    lse = attention_row_lse(t.q0, t.k0, t.mm.text_mask, t.mm.attention_mask)
+                    lse = attention_row_lse(t.q0, t.k0, t.mm.text_mask, t.mm.attention_mask) \
+                        if "lse0" in fields else None
+                    side = KDSide(t.hidden_states, teacher.lm_head.weight, t.q0, t.k0, t.mm.vision_tokens, lse)
                     for b, i in enumerate(batch["index"]):
-                        pending.setdefault(i // size, {})[i] = _sample_record(t, lse, b, kv_groups)
-                    del t, lse
+                        pending.setdefault(i // size, {})[i] = _sample_record(t, side, b, kv_groups, fields)
+                    del t, lse, side
                 for s in [s for s, recs in pending.items() if len(recs) == want[s]]:
                     write_shard(folder, s, pending.pop(s))
                 pbar.update(len(batch["index"]) + len(batch["skipped_index"]))
@@ -394,7 +515,8 @@ def _write_index(folder: Path, manifest: dict[str, Any]) -> None:
                     skipped[meta["skip"]] += 1
                 else:
                     cached += 1
-    lm_bytes = (folder / "lm_head.safetensors").stat().st_size
+    lm_head = folder / "lm_head.safetensors"
+    lm_bytes = lm_head.stat().st_size if lm_head.is_file() else 0
     _atomic_json(folder / "index.json", {
         "format": FORMAT, "version": VERSION, "num_samples": manifest["num_samples"], "num_shards": n_shards,
         "shard_size": manifest["shard_size"], "cached": cached, "skipped": dict(skipped),
@@ -417,7 +539,8 @@ class TeacherCache:
         self.index = json.loads((self.folder / "index.json").read_text())
         shapes = self.manifest["shapes"]
         self.hidden_size, self.num_heads, self.kv_heads = shapes["hidden"], shapes["heads"], shapes["kv_heads"]
-        self.head_dim, self.shard_size = shapes["head_dim"], self.manifest["shard_size"]
+        self.shard_size = self.manifest["shard_size"]
+        self.fields = cache_fields(self.manifest)
         self._handles: dict[int, tuple[Any, dict]] = {}
         self._lm_head: torch.Tensor | None = None
 
@@ -429,7 +552,11 @@ class TeacherCache:
         return (f"{ix['cached']:,} samples ({sum(ix['skipped'].values()):,} skipped), "
                 f"{ix['shard_bytes'] / 2**20:,.1f} MiB + lm_head {ix['lm_head_bytes'] / 2**20:,.1f} MiB, "
                 f"{ix['bytes_per_cached_sample'] / 2**10:,.1f} KiB/sample, teacher {self.manifest['teacher']['path']}"
-                f" ({self.manifest['teacher']['quant']}, {self.manifest['dtype']})")
+                f" ({self.manifest['teacher']['quant']}, {self.manifest['dtype']}), fields {', '.join(self.fields)}")
+
+    def terms_without_fields(self) -> tuple[str, ...]:
+        """The registered terms that read a teacher field this cache does not hold (at weight 0: not computed)."""
+        return tuple(lacking(self.fields))
 
     def _shard(self, s: int):
         from safetensors import safe_open  # noqa: PLC0415
@@ -453,9 +580,9 @@ class TeacherCache:
         if "skip" in meta:
             raise CacheMismatch(f"sample {i} was skipped ({meta['skip']}) when the teacher cache was built but is "
                                 f"in this batch: the data differ from the cache's")
-        names = ["hidden"] + (["vision"] if meta["vision_start"] >= 0 else []) + \
-            (["q", "k", "lse"] if meta["n_text"] else [])
-        return meta, {k: f.get_tensor(f"{i}/{k}") for k in names}
+        layout = Layout.of(meta)
+        keys = [STORED[name].key for name in self.fields if name in STORED and STORED[name].when(layout)]
+        return meta, {k: f.get_tensor(f"{i}/{k}") for k in keys}
 
     def lm_head(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if self._lm_head is None or self._lm_head.device != torch.device(device) or self._lm_head.dtype != dtype:
@@ -471,36 +598,49 @@ class TeacherCache:
         if len(indices) != B:
             raise ValueError(f"{len(indices)} indices for a batch of {B}")
         samples = [self.sample(int(i)) for i in indices]
-        hidden = torch.zeros(B, L, self.hidden_size, device=device, dtype=dtype)
-        vision = torch.zeros(B, NUM_IMAGE_TOKENS, self.hidden_size, device=device, dtype=dtype)
-        q0 = k0 = lse0 = None
-        if any(m["n_text"] for m, _ in samples):
-            q0 = torch.zeros(B, self.num_heads, L, self.head_dim, device=device, dtype=dtype)
-            k0 = torch.zeros_like(q0)
-            lse0 = torch.full((B, self.num_heads, L), float("-inf"), device=device, dtype=torch.float32)
         sup = batch.labels[:, 1:] != IGNORE_INDEX
         n_valid = batch.attention_mask.sum(1).tolist()
         n_text = batch.text_mask.sum(1).tolist()
         starts = batch.vision_start.tolist()
-        for b, (i, (meta, t)) in enumerate(zip(indices, samples)):
+        layouts = []
+        for b, (i, (meta, _)) in enumerate(zip(indices, samples)):
             rows = sup[b].nonzero().flatten()
             layout = (n_valid[b], int(rows.numel()), starts[b], n_text[b])
             if layout != (meta["n"], meta["n_sup"], meta["vision_start"], meta["n_text"]):
                 cached = (meta["n"], meta["n_sup"], meta["vision_start"], meta["n_text"])
                 raise CacheMismatch(f"sample {i}: this batch has (length, supervised rows, image start, text rows) "
                                     f"{layout}, the teacher cache {self.folder} has {cached}")
-            hidden[b].index_copy_(0, rows, t["hidden"].to(device, dtype))
-            if "vision" in t:
-                vision[b] = t["vision"].to(device, dtype)
-            if meta["n_text"]:
-                vs, n = meta["vision_start"], meta["n"]
-                lo = vs + NUM_IMAGE_TOKENS
-                q0[b, :, lo:n] = t["q"].to(device, dtype)
-                k0[b, :, vs:lo] = t["k"].to(device, dtype).repeat_interleave(self.num_heads // self.kv_heads, dim=0)
-                lse0[b, :, lo:n] = t["lse"].to(device)
-        return KDSide(hidden, self.lm_head(device, dtype), q0, k0, vision, lse0)
+            layouts.append(Layout.of(meta, rows))
+        side = {f.name: None for f in dataclass_fields(KDSide)}  # None: a field this cache does not hold
+        for name in self.fields:
+            if name in STORED:
+                side[name] = self._batch_field(STORED[name], layouts, [t for _, t in samples], L, device, dtype)
+        if SHARED in self.fields:
+            side[SHARED] = self.lm_head(device, dtype)
+        return KDSide(**side)
+
+    def _batch_field(self, stored: StoredField, layouts: list[Layout], tensors: list[dict[str, torch.Tensor]],
+                     length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """One field of the batch: each sample's stored positions, `stored.fill` elsewhere (None: no sample of the
+        batch stores it, e.g. no text after an image)."""
+        kept = [(b, t[stored.key]) for b, t in enumerate(tensors) if stored.key in t]
+        if not kept:
+            return None
+        shape = list(kept[0][1].shape)
+        if stored.kv_heads:
+            shape[0] = self.num_heads
+        if stored.seq:
+            shape[stored.dim] = length
+        out = torch.full((len(layouts), *shape), stored.fill, device=device,
+                         dtype=torch.float32 if stored.fp32 else dtype)
+        for b, x in kept:
+            x = x.to(device, out.dtype)
+            if stored.kv_heads:
+                x = x.repeat_interleave(self.num_heads // self.kv_heads, dim=0)
+            out[b][along(stored.dim, stored.at(layouts[b]))] = x
+        return out
 
 
-__all__ = ["CacheMismatch", "DEFAULT_SHARD_SIZE", "IndexedCollator", "IndexedDataset", "TeacherCache", "build_cache",
-           "check_cache", "compare_manifests", "file_fingerprint", "make_manifest", "sample_bytes",
-           "teacher_fingerprint", "write_shard"]
+__all__ = ["CacheMismatch", "DEFAULT_SHARD_SIZE", "IndexedCollator", "IndexedDataset", "STORED", "StoredField",
+           "TeacherCache", "build_cache", "check_cache", "check_fields", "compare_manifests", "file_fingerprint",
+           "make_manifest", "sample_bytes", "teacher_fingerprint", "write_shard"]

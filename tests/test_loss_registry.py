@@ -1,5 +1,6 @@
 """A loss term registered here, in this file alone: it gets its --w- flag, is weighted into the loss, logged in
-log.jsonl, shown in the progress bar and switchable in the ablation runner."""
+log.jsonl, shown in the progress bar and switchable in the ablation runner; a term with its own adapter, registered
+here too, has it trained, clipped, saved and restored on resume."""
 from __future__ import annotations
 
 import importlib.util
@@ -85,3 +86,44 @@ def test_the_ablation_runner_switches_it(toy):
     # the report has a column for it
     shares = {"1": {k: {"value": 1.0, "grad_norm": 1.0, "share": 0.2} for k in ("ce", *TERMS)}}
     assert "hidden_l2" in ablate.shares_table(shares, "+hidden_l2").splitlines()[2]
+
+
+def hint(ctx) -> torch.Tensor:
+    """A toy term with an adapter of its own (a FitNets hint): the student's hidden states at the supervised rows,
+    mapped to the teacher's width, against the teacher's."""
+    return (ctx.adapter("hint")(ctx.h_s.float()) - ctx.h_t.float()).pow(2).mean()
+
+
+@pytest.fixture
+def hint_term():
+    term = register_term(Term("hint", hint, weight=1.0, help="the student's hidden states mapped to the teacher's",
+                              teacher=("hidden",),
+                              adapter=lambda loss: torch.nn.Linear(loss.student_dim, loss.teacher_dim)))
+    yield term
+    del TERMS[term.name]
+
+
+def test_a_terms_own_adapter_is_trained_clipped_saved_and_resumed(hint_term, tmp_path, monkeypatch):
+    run, build_optimizer = {}, train_alignkd.build_optimizer
+
+    def spy(args, models, total):  # the first run's adapter and optimizer, and the adapter as it starts
+        optim = build_optimizer(args, models, total)
+        adapter = models.loss_fn.term_adapters["hint"]
+        run.setdefault("built", (adapter, optim, {k: v.clone() for k, v in adapter.state_dict().items()}))
+        return optim
+
+    monkeypatch.setattr(train_alignkd, "build_optimizer", spy)
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    fast = ["--num-workers", "0", "--save-every", "1"]
+    train_alignkd.main(["--output-dir", str(full), *tiny_args(tmp_path, 4), *fast])
+    adapter, optim, start = run["built"]
+    assert {id(p) for p in adapter.parameters()} <= {id(p) for p in optim.adapters}  # stepped and clipped with them
+    saved = torch.load(full / "checkpoint-4" / "alignkd_adapters.pt", weights_only=True)
+    for k, v in adapter.state_dict().items():
+        assert not torch.equal(v, start[k]), k  # trained
+        assert torch.equal(saved["term_adapters.hint." + k], v), k  # saved
+    train_alignkd.main(["--output-dir", str(parts), *tiny_args(tmp_path, 4), *fast, "--stop-after", "2"])
+    train_alignkd.main(["--output-dir", str(parts), *tiny_args(tmp_path, 4), *fast, "--resume"])
+    resumed = torch.load(parts / "checkpoint-4" / "alignkd_adapters.pt", weights_only=True)
+    for k, v in saved.items():
+        torch.testing.assert_close(resumed[k], v, atol=1e-6, rtol=1e-5, msg=k)

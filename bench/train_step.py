@@ -90,7 +90,8 @@ CONFIGS = {
 # (a)/(c): the trainer's flags for MobileVLM's stage 2 with every Align-KD term on (the paper's objective)
 TRAINER_FLAGS = ["--lr", "2e-5", "--projector-lr", "1e-3", "--max-grad-norm", "1", "--optim", "adamw8bit",
                  "--attn-form", "mse", "--w-attn", "1", "--w-proj-all", "1", "--w-proj-focus", "1"]
-LR, MAX_GRAD_NORM = 2e-5, 1.0  # (b), as the trainer's flags above
+_TRAINER_ARGS = parse_trainer_args(TRAINER_FLAGS)
+LR, MAX_GRAD_NORM = _TRAINER_ARGS.lr, _TRAINER_ARGS.max_grad_norm  # (b) steps as (a) and (c)
 
 FLOP_FORMULA = (
     "FLOPs(a) = (6 + 2r) * P_s * T + (3 + r) * A_s + 6 * V * d_s * N + 2 * P_t * T + A_t + 2 * V * d_t * N "

@@ -8,7 +8,9 @@ import torch
 
 @dataclass
 class KDSide:
-    """One model's tensors for the losses."""
+    """One model's tensors for the losses. The teacher's, read from a teacher cache, has None for a field that the
+    cache does not hold (no term registered when it was built read it) or that no sample of the batch stores
+    (q0/k0/lse0 without text after an image, vision_tokens without an image)."""
 
     hidden: torch.Tensor  # [B, L, H] final normed hidden states (lm_head input)
     lm_head_weight: torch.Tensor  # [V, H]

@@ -61,5 +61,5 @@ def logged_terms() -> tuple[str, ...]:
 
 
 def teacher_fields() -> tuple[str, ...]:
-    """The KDSide fields that the registered terms read from the teacher."""
+    """The KDSide fields that the registered terms read from the teacher: what the teacher cache stores."""
     return tuple(f for f in SIDE_FIELDS if any(f in t.teacher for t in TERMS.values()))

@@ -22,25 +22,39 @@ from losses import AlignKDLoss
 from model import MobileVLM
 from model.lora import is_lora, merged_state_dict, trainable_state_dict
 from model.master_weights import MasterWeights
+from training.sharding import load_whole, optimizer_state_like, placed_like
+
+
+def trained_tensors(student: MobileVLM, loss_fn: AlignKDLoss | None, opt,
+                    masters: MasterWeights | None = None) -> dict:
+    """What a checkpoint stores of the trained state, as the run holds it (DTensor shards under FSDP): the student's
+    weights (LoRA merged), the LoRA adapters, the Align-KD adapters, the optimizer state and the fp32 masters."""
+    lora = is_lora(student)
+    return {"student": merged_state_dict(student) if lora else student.state_dict(),
+            "lora": trainable_state_dict(student) if lora else None,
+            "adapters": loss_fn.state_dict() if loss_fn is not None else None,
+            "optimizer": opt.state_dict(), "masters": masters.masters() if masters is not None else None}
 
 
 def save_checkpoint(out: Path, step: int, student: MobileVLM, loss_fn: AlignKDLoss | None, opt, sched, state: dict,
-                    tokenizer_dir: Path, keep: int, masters: MasterWeights | None = None) -> Path:
-    """Write checkpoint-STEP atomically: build it in a temp folder, rename, then repoint `latest`."""
+                    tokenizer_dir: Path, keep: int, masters: MasterWeights | None = None,
+                    tensors: dict | None = None) -> Path:
+    """Write checkpoint-STEP atomically: build it in a temp folder, rename, then repoint `latest`. `tensors`: the
+    `trained_tensors` to write (whole tensors gathered from the ranks under FSDP); default: the modules' own."""
+    t = tensors if tensors is not None else trained_tensors(student, loss_fn, opt, masters)
     final = out / f"checkpoint-{step}"
     tmp = out / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    lora = is_lora(student)
-    student.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=merged_state_dict(student) if lora else None,
+    student.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=t["student"],
                             final_path=final)  # config.json names final/vision_tower, where it will be
-    if lora:  # the merged weights serve evaluation; resuming needs the adapters on top of the base model
-        torch.save(trainable_state_dict(student), tmp / "lora_trainable.pt")
-    if masters is not None:  # the bf16 weights are rounded: exact resume needs the fp32 copies
-        torch.save(masters.masters(), tmp / "master_weights.pt")
-    if loss_fn is not None:  # a --no-distill run has no adapters to keep
-        torch.save(loss_fn.state_dict(), tmp / "alignkd_adapters.pt")
+    if t["lora"] is not None:  # the merged weights serve evaluation; resuming needs the adapters on top of the base
+        torch.save(t["lora"], tmp / "lora_trainable.pt")
+    if t["masters"] is not None:  # the bf16 weights are rounded: exact resume needs the fp32 copies
+        torch.save(t["masters"], tmp / "master_weights.pt")
+    if t["adapters"] is not None:  # a --no-distill run has no adapters to keep
+        torch.save(t["adapters"], tmp / "alignkd_adapters.pt")
     # tensors only (loadable with weights_only=True); counters, arguments and the numpy/python RNG states as JSON
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()},
+    torch.save({"optimizer": t["optimizer"], "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()},
                tmp / "trainer_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "rng": rng_state_json()}, indent=1, default=_jsonable))
     shutil.rmtree(final, ignore_errors=True)
@@ -183,10 +197,10 @@ def load_checkpoint(ckpt: Path, student: MobileVLM, loss_fn: AlignKDLoss | None,
                                                 device=device)  # weights_only=True (model/checkpoint.py)
         except pickle.UnpicklingError:
             raise SystemExit(f"error: {ckpt} is refused: its weights hold more than tensors") from None
-        student.load_state_dict(resumed.state_dict())
+        load_whole(student, resumed.state_dict())
         del resumed
     if loss_fn is not None:
-        loss_fn.load_state_dict(load_tensors(ckpt / "alignkd_adapters.pt", device))
+        load_whole(loss_fn, load_tensors(ckpt / "alignkd_adapters.pt", device))
     st = load_tensors(ckpt / "trainer_state.pt", "cpu")
     try:
         info = json.loads((ckpt / "trainer_state.json").read_text())
@@ -194,10 +208,11 @@ def load_checkpoint(ckpt: Path, student: MobileVLM, loss_fn: AlignKDLoss | None,
         raise SystemExit(f"error: cannot read {ckpt / 'trainer_state.json'}: {e}") from None
     if masters is not None:
         if (ckpt / "master_weights.pt").exists():
-            masters.load_masters(load_tensors(ckpt / "master_weights.pt", device))
+            saved = load_tensors(ckpt / "master_weights.pt", device)
+            masters.load_masters([placed_like(t, m) for t, m in zip(saved, masters.masters(), strict=True)])
         else:
             masters.load_masters([p.detach() for p, m in masters.pairs if m is not p])
-    opt.load_state_dict(st["optimizer"])
+    opt.load_state_dict(optimizer_state_like(st["optimizer"], opt))
     sched.load_state_dict(st["scheduler"])
     torch.set_rng_state(st["torch_rng"]), set_rng_state_json(info["rng"])
     return info

@@ -48,7 +48,9 @@ from model.lora import apply_lora, lora_parameter_counts
 from model.master_weights import MasterWeights
 from model.quantize import load_teacher, model_bytes
 from training.checkpoints import (clear_run, existing_run, latest_checkpoint, load_checkpoint,
-                                  remove_unfinished_saves, resume_checkpoint, save_checkpoint, trim_log)
+                                  remove_unfinished_saves, resume_checkpoint, save_checkpoint, trained_tensors,
+                                  trim_log)
+from training.sharding import gather, shard_distill_step, shard_share
 from training.teacher_cache import (DEFAULT_SHARD_SIZE, CacheMismatch, IndexedCollator, IndexedDataset, TeacherCache,
                                     build_cache, check_cache, make_manifest, teacher_fingerprint)
 
@@ -125,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--master-weights", choices=("auto", "fp32", "none"), default="auto",
                    help="fp32 copies of bf16 trainable weights (auto: on for a bf16 student without LoRA)")
     p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (+ the projector)")
+    p.add_argument("--shard", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun: ddp replicates the student and the adapters on every rank; fsdp (FSDP2) "
+                        "shards their weights, gradients and optimizer state over the ranks (README, 'More GPUs'). "
+                        "The teacher and the frozen CLIP are whole on every rank either way")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of this run; --resume continues")
     p.add_argument("--cache-teacher", metavar="DIR",
@@ -153,6 +159,26 @@ class Ranks:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def check_fsdp(args: argparse.Namespace) -> None:
+    """--shard fsdp: refuse, before anything is loaded, what cannot work with the student's weights in shards."""
+    if args.shard != "fsdp":
+        return
+    refused = {
+        "--optim adamw8bit": (args.optim == "adamw8bit", "bitsandbytes' 8-bit AdamW cannot step FSDP2's DTensor "
+                              "shards (its update op gets mixed torch.Tensor and DTensor); --optim adamw, which "
+                              "--optim auto picks under fsdp, keeps its state in shards too"),
+        "--eval-data": (bool(args.eval_data), "the held-out evaluation runs on rank 0 alone, and every forward of "
+                        "a sharded student needs all ranks"),
+        "--probe-grads": (bool(args.probe_steps), "the probe runs on rank 0 alone, and every forward of a sharded "
+                          "student needs all ranks"),
+        "--lora-r": (bool(args.lora_r), "a LoRA checkpoint merges the adapters into whole base weights; LoRA's "
+                     "trainable state is small: train it with --shard ddp"),
+    }
+    for what, (given, why) in refused.items():
+        if given:
+            raise SystemExit(f"error: --shard fsdp does not take {what}: {why}")
 
 
 def init_distributed(args: argparse.Namespace) -> Ranks:
@@ -217,7 +243,8 @@ def load_frozen_teacher(args: argparse.Namespace, device: torch.device, dtype: t
 def prepare_teacher_cache(args: argparse.Namespace, dataset, tokenizer, data_desc: tuple, device: torch.device,
                           dtype: torch.dtype, ranks: Ranks = Ranks()) -> TeacherCache:
     """--cache-teacher DIR: refuse a cache made from something else, build what is missing (the teacher is loaded
-    for this pass only, then freed), and open it for reading."""
+    for this pass only, then freed; under torchrun each rank builds a share of the shards), and open it for
+    reading."""
     json_path, image_folder, template, image_mode = data_desc
     teacher_id = teacher_fingerprint(args.teacher, resolve_quant(args, device), args.vision_tower) \
         if args.teacher else None
@@ -229,16 +256,13 @@ def prepare_teacher_cache(args: argparse.Namespace, dataset, tokenizer, data_des
         if state != "complete":
             if teacher_id is None:
                 raise SystemExit(f"error: teacher cache {args.cache_teacher} is {state}: pass --teacher to build it")
-            if ranks.world > 1:
-                raise SystemExit(f"error: teacher cache {args.cache_teacher} is {state}: building it under torchrun "
-                                 f"is not supported yet; build it with one process first (python train_alignkd.py, the "
-                                 f"same flags, another --output-dir, --stop-after 1), then train from it under "
-                                 f"torchrun")
+            if ranks.world > 1:  # every rank has looked at DIR before rank 0 starts writing to it
+                dist.barrier()
             teacher = load_frozen_teacher(args, device, dtype, tokenizer)
             teacher.enable_qk_capture()
             with torch.random.fork_rng(devices=[]):  # the run's random state is the same with or without this pass
                 build_cache(args.cache_teacher, teacher, dataset, expected, args.batch_size, args.num_workers,
-                            tokenizer.pad_token_id)
+                            tokenizer.pad_token_id, ranks.rank, ranks.world)  # the ranks build disjoint shards
             del teacher
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -263,7 +287,8 @@ class Models:
     cache: TeacherCache | None = None
     shared_vision: bool = False  # one CLIP forward feeds both models
     distill: bool = True  # from the live teacher, or from the cache
-    ddp: DDP | None = None  # under torchrun: the student and the adapters as one DDP module (DistillStep)
+    parallel: torch.nn.Module | None = None  # under torchrun: DistillStep under DDP, or sharded by FSDP2
+    sharded: bool = False  # FSDP2: parameters, gradients and optimizer state are DTensor shards
 
 
 def build_models(args: argparse.Namespace, tokenizer, cache: TeacherCache | None, device: torch.device,
@@ -308,7 +333,8 @@ def prepare_models(args: argparse.Namespace, student: MobileVLM, teacher: Mobile
 # ---- optimizer ----------------------------------------------------------------------------------------------------------
 
 def make_optimizer(groups: list[dict], args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    kind = args.optim if args.optim != "auto" else ("adamw8bit" if device.type == "cuda" else "adamw")
+    kind = args.optim if args.optim != "auto" else (
+        "adamw8bit" if device.type == "cuda" and args.shard != "fsdp" else "adamw")
     kw = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     if kind == "adamw8bit":
         import bitsandbytes as bnb
@@ -438,18 +464,24 @@ def distill_forward(models: Models, batch: dict, separate: bool = False) -> dict
 
 
 class DistillStep(torch.nn.Module):
-    """The student and the Align-KD adapters as one module, for DDP: its forward is one micro-batch's
-    `distill_forward`, so the backward all-reduces the gradients of both. The teacher is no submodule: it is frozen,
-    loaded by every rank, and never wrapped nor broadcast."""
+    """The student and the Align-KD adapters as one module, for DDP or FSDP2: its forward is one micro-batch's
+    `distill_forward`, so the backward reduces the gradients of both. The teacher is no submodule: it is frozen,
+    loaded by every rank, and never wrapped, sharded nor broadcast. `standin` (FSDP2): a batch of one usable sample."""
 
-    def __init__(self, models: Models):
+    def __init__(self, models: Models, standin: dict | None = None):
         super().__init__()
         self.student, self.loss_fn = models.student, models.loss_fn
         self.models = models  # a plain attribute (not a module): reaches the teacher without registering it
+        self.standin = standin
 
     def forward(self, batch: dict | None) -> dict[str, torch.Tensor]:
-        if batch is None:  # every sample of this rank's micro-batch was skipped: a zero loss that reaches every
-            # trained parameter, so that this rank's backward still joins the others' gradient all-reduce
+        if batch is None:  # every sample of this rank's micro-batch was skipped; its backward must still join the
+            # other ranks' gradient reduction, at zero weight
+            if self.standin is not None:  # FSDP2: each unit gathers its weights in its forward and reduce-scatters
+                # in its backward, so this rank runs them all, on a real sample
+                terms = distill_forward(self.models, self.standin)
+                return {k: terms[k] * 0.0 for k in logged_terms()}
+            # DDP: a zero loss that reaches every trained parameter
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return {k: zero for k in logged_terms()}
         return distill_forward(self.models, batch)
@@ -458,8 +490,9 @@ class DistillStep(torch.nn.Module):
 def micro_step(models: Models, batch: dict | None, grad_accum: int) -> dict[str, float]:
     """Forward and backward of one of `grad_accum` micro-batches; returns its logged terms divided by grad_accum.
     Under torchrun the forward goes through DDP (whose backward all-reduces the gradients unless
-    `require_backward_grad_sync` is off), and `batch` is None for a micro-batch whose samples were all skipped."""
-    terms = models.ddp(batch) if models.ddp is not None else distill_forward(models, batch)
+    `require_backward_grad_sync` is off) or FSDP2 (whose backward reduce-scatters them), and `batch` is None for a
+    micro-batch whose samples were all skipped."""
+    terms = models.parallel(batch) if models.parallel is not None else distill_forward(models, batch)
     (terms["loss"] / grad_accum).backward()
     return {k: terms[k].detach().item() / grad_accum for k in logged_terms()}
 
@@ -541,12 +574,28 @@ def rank_batch_stream(data, collate, args: argparse.Namespace, pos: Position, ra
             yield batch
 
 
+def loader_parts(dataset, tokenizer, indexed: bool) -> tuple:
+    """(dataset, collate function) of the training batches. `indexed`: each batch carries its rows' dataset indices
+    ("index"), which reading the teacher cache needs."""
+    return ((IndexedDataset(dataset), IndexedCollator(tokenizer.pad_token_id)) if indexed else
+            (dataset, Collator(tokenizer.pad_token_id)))
+
+
+def first_usable_batch(dataset, tokenizer, indexed: bool) -> dict:
+    """A batch of the data's first usable sample (--shard fsdp: what a rank runs at zero weight in place of a
+    micro-batch whose samples were all skipped)."""
+    data, collate = loader_parts(dataset, tokenizer, indexed)
+    for i in range(len(data)):
+        sample = data[i]
+        if "skip" not in sample:
+            return collate([sample])
+    raise SystemExit(f"error: no usable sample in the data ({len(data)} records)")
+
+
 def batch_stream(dataset, tokenizer, args: argparse.Namespace, pos: Position, indexed: bool,
                  json_path: Path, ranks: Ranks = Ranks()) -> Iterator[dict]:
-    """Collated micro-batches from `pos` on, epoch after epoch, advancing `pos`. `indexed`: each batch carries its
-    rows' dataset indices ("index"), which reading the teacher cache needs."""
-    data, collate = ((IndexedDataset(dataset), IndexedCollator(tokenizer.pad_token_id)) if indexed else
-                     (dataset, Collator(tokenizer.pad_token_id)))
+    """Collated micro-batches (`loader_parts`) from `pos` on, epoch after epoch, advancing `pos`."""
+    data, collate = loader_parts(dataset, tokenizer, indexed)
     if ranks.world > 1:
         yield from rank_batch_stream(data, collate, args, pos, ranks)
         return
@@ -672,6 +721,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: {what} folder {folder} does not exist")
     if args.eval_data and not Path(args.eval_data).is_file():
         raise SystemExit(f"error: --eval-data {args.eval_data} does not exist")
+    check_fsdp(args)
     out = Path(args.output_dir)
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume continues the run in OUTPUT_DIR, --overwrite deletes it: give one")
@@ -705,11 +755,19 @@ def main(argv: list[str] | None = None) -> dict:
     models = build_models(args, tokenizer, cache, device, dtype)
     micro_per_epoch = max(1, len(dataset) // args.batch_size)
     total = args.max_steps or max(1, int(args.epochs * micro_per_epoch / (args.grad_accum * ranks.world)))
+    if ranks.world > 1 and args.shard == "fsdp":  # before the optimizer, which steps the shards
+        standin = first_usable_batch(dataset, tokenizer, cache is not None)
+        models.parallel = DistillStep(models, standin)
+        shard_distill_step(models.parallel, models.student.model.layers, models.loss_fn)
+        models.sharded = True
+        log.info(f"FSDP2: each of {ranks.world} ranks holds {shard_share(models.parallel)} of the student's and the "
+                 f"adapters' trained weights (and of their gradients and optimizer state)")
     optim = build_optimizer(args, models, total)
-    if ranks.world > 1:  # unused parameters are normal: the projector on a text-only micro-batch, a term with no
-        # eligible sample. Gradients live in DDP's buckets (no second copy); the buffers are not trained
-        models.ddp = DDP(DistillStep(models), device_ids=[device.index] if device.type == "cuda" else None,
-                         find_unused_parameters=True, gradient_as_bucket_view=True, forward_sync_buffers=False)
+    if ranks.world > 1 and args.shard == "ddp":  # unused parameters are normal: the projector on a text-only
+        # micro-batch, a term with no eligible sample. Gradients live in DDP's buckets (no second copy); the buffers
+        # are not trained
+        models.parallel = DDP(DistillStep(models), device_ids=[device.index] if device.type == "cuda" else None,
+                              find_unused_parameters=True, gradient_as_bucket_view=True, forward_sync_buffers=False)
 
     # resume
     step, pos = 0, Position()
@@ -748,11 +806,12 @@ def main(argv: list[str] | None = None) -> dict:
         for micro in range(args.grad_accum):
             batch = next(stream)
             skips.update(batch["skipped"])
-            while "input_ids" not in batch and not models.ddp:  # every sample of this batch was skipped
+            while "input_ids" not in batch and not models.parallel:  # every sample of this batch was skipped
                 batch = next(stream)
                 skips.update(batch["skipped"])
-            if models.ddp:  # all-reduce the gradients in the step's last backward only
-                models.ddp.require_backward_grad_sync = micro == args.grad_accum - 1
+            if isinstance(models.parallel, DDP):  # all-reduce the gradients in the step's last backward only.
+                # (FSDP2 reduce-scatters every micro-batch's: it keeps no whole gradient between them)
+                models.parallel.require_backward_grad_sync = micro == args.grad_accum - 1
             if "input_ids" not in batch:
                 micro_step(models, None, args.grad_accum)
                 continue
@@ -781,17 +840,17 @@ def main(argv: list[str] | None = None) -> dict:
         log_file.flush()
     # log lines above the bar, not inside it; the bar is closed before an error line is printed. The data stream is
     # closed on the way out, however the loop ends: that shuts its DataLoader workers down (data/workers.py)
-    with (pbar, contextlib.closing(stream), StopRequest(repeat_aborts=not models.ddp) as stop_request,
+    with (pbar, contextlib.closing(stream), StopRequest(repeat_aborts=not models.parallel) as stop_request,
           logging_redirect_tqdm()):
         while step < total:
             sums = Counter()
             probe = {} if step + 1 in args.probe_steps and ranks.main else None  # rank 0's is the step's first
-            skips = Counter() if models.ddp else pos.skipped  # a rank's own, summed over the ranks below
+            skips = Counter() if models.parallel else pos.skipped  # a rank's own, summed over the ranks below
             try:
                 n_tokens, usable = accumulate(sums, probe, skips)
             except torch.OutOfMemoryError:
                 raise SystemExit(oom_message(args, device)) from None
-            if models.ddp:
+            if models.parallel:
                 sums, n_tokens, skips, agreed = reduce_step(sums, n_tokens, usable, skips, stop_request.signum,
                                                             args.grad_accum, optim, device, ranks)
                 pos.skipped.update(skips)
@@ -809,7 +868,7 @@ def main(argv: list[str] | None = None) -> dict:
             if probe:
                 record["grad_norms"] = probe
             # under torchrun the agreed signal (any rank's, before this step's reduction): every rank stops together
-            stop_signal = agreed if models.ddp else stop_request.signum
+            stop_signal = agreed if models.parallel else stop_request.signum
             stop = (args.stop_after is not None and step - start_step >= args.stop_after) or stop_signal
             if heldout is not None and (step == total or stop or (args.eval_every and step % args.eval_every == 0)):
                 evaluate(record)
@@ -823,9 +882,13 @@ def main(argv: list[str] | None = None) -> dict:
             if step % args.save_every == 0 or step == total or stop:
                 state = {"step": step, "epoch": pos.epoch, "offset": pos.offset, "skipped": dict(pos.skipped),
                          "world_size": ranks.world, "args": vars(args)}
-                if ranks.main:  # the ranks hold the same weights and optimizer state
-                    save_checkpoint(out, step, models.student, models.loss_fn if models.distill else None, optim.opt,
-                                    optim.sched, state, tok_dir, args.keep, optim.masters)
+                adapters = models.loss_fn if models.distill else None
+                # FSDP2: every rank gathers the shards, rank 0 keeps them; otherwise the ranks hold the same state
+                tensors = gather(trained_tensors(models.student, adapters, optim.opt, optim.masters),
+                                 keep=ranks.main) if models.sharded else None
+                if ranks.main:
+                    save_checkpoint(out, step, models.student, adapters, optim.opt, optim.sched, state, tok_dir,
+                                    args.keep, optim.masters, tensors)
             if stop:
                 why = (signal.Signals(stop_signal).name if stop_signal else
                        f"after {args.stop_after} steps (--stop-after)")
@@ -833,7 +896,7 @@ def main(argv: list[str] | None = None) -> dict:
                 break
     pbar.close()
     log_file.close()
-    if models.ddp:  # no rank exits (and has the launcher end the others) while rank 0 is still saving
+    if models.parallel:  # no rank exits (and has the launcher end the others) while rank 0 is still saving
         dist.barrier()
         dist.destroy_process_group()
     if pos.skipped:
@@ -844,7 +907,8 @@ def main(argv: list[str] | None = None) -> dict:
                  ", ".join(f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in terms))
     log.info(f"checkpoint: {latest_checkpoint(out)}")
     return {"history": history, "evals": evals, "skipped": dict(pos.skipped),
-            "checkpoint": str(latest_checkpoint(out)), "signal": stop_signal if models.ddp else stop_request.signum}
+            "checkpoint": str(latest_checkpoint(out)),
+            "signal": stop_signal if models.parallel else stop_request.signum}
 
 if __name__ == "__main__":
     try:

@@ -1,5 +1,6 @@
 """torchrun on CPU (gloo, 2 processes, tiny models): the data split, the gradient and log reductions, resume and a
-stop signal behave as one process accumulating the same micro-batches."""
+stop signal behave as one process accumulating the same micro-batches, under DDP and under FSDP2 (--shard fsdp); the
+teacher cache built by 2 ranks is the one that one process builds."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import train_alignkd
 from losses import logged_terms
@@ -69,19 +71,37 @@ def _assert_same_run(a: Path, b: Path, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> tuple[Path, float]:
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dist")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(root) -> tuple[Path, float]:
     """An uninterrupted 2-rank run, --batch-size 4 --grad-accum 1; and how long it took."""
-    out = tmp_path_factory.mktemp("dist") / "two"
+    out = root / "two"
     t = time.time()
-    _run2(["--output-dir", str(out), *tiny_args(out.parent, STEPS), *FAST])
+    _run2(["--output-dir", str(out), *tiny_args(root, STEPS), *FAST])
     return out, time.time() - t
 
 
-def test_two_ranks_equal_one_process_accumulating_their_micro_batches(two_ranks, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(root) -> Path:
+    """One process accumulating the two ranks' micro-batches: --batch-size 4 --grad-accum 2."""
+    out = root / "one"
+    train_alignkd.main(["--output-dir", str(out), *tiny_args(root, STEPS), "--grad-accum", "2", *FAST])
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_two_ranks(root) -> tuple[Path, str]:
+    """The run of `two_ranks` under FSDP2; and its output."""
+    out = root / "fsdp"
+    return out, _run2(["--output-dir", str(out), *tiny_args(root, STEPS), *FAST, "--shard", "fsdp"])
+
+
+def test_two_ranks_equal_one_process_accumulating_their_micro_batches(two_ranks, one_process):
     out2, _ = two_ranks
-    out1 = tmp_path / "one"
-    train_alignkd.main(["--output-dir", str(out1), *tiny_args(out2.parent, STEPS), "--grad-accum", "2", *FAST])
-    _assert_same_run(out1, out2, STEPS)
+    _assert_same_run(one_process, out2, STEPS)
     assert json.loads((out2 / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["offset"] == STEPS * 2 * 4
 
 
@@ -101,6 +121,70 @@ def test_two_ranks_stopped_half_way_and_resumed_equal_an_uninterrupted_run(two_r
     # ... while one process accumulating both ranks' micro-batches continues the same order exactly
     train_alignkd.main(["--output-dir", str(one), *argv[2:], "--resume", "--grad-accum", "2"])
     _assert_same_run(one, full, STEPS)
+
+
+def test_fsdp_two_ranks_equal_one_process_accumulating_their_micro_batches(fsdp_two_ranks, one_process):
+    out, output = fsdp_two_ranks
+    assert "FSDP2: each of 2 ranks holds" in output, output[-4000:]
+    _assert_same_run(one_process, out, STEPS)  # the same checkpoint layout, whole tensors, as one process writes
+
+
+def test_fsdp_stopped_half_way_and_resumed_equals_an_uninterrupted_run(fsdp_two_ranks, one_process, tmp_path):
+    """From FSDP2's mid-run checkpoint: FSDP2 resumes exactly, and so does one process accumulating both ranks'
+    micro-batches (a checkpoint has one layout however the run was split)."""
+    full, _ = fsdp_two_ranks
+    parts = tmp_path / "parts"
+    argv = ["--output-dir", str(parts), *tiny_args(full.parent, STEPS), *FAST, "--shard", "fsdp"]
+    _run2([*argv, "--stop-after", str(STEPS // 2)])
+    one = tmp_path / "one"
+    shutil.copytree(parts, one)
+    _run2([*argv, "--resume"])
+    _assert_same_run(parts, full, STEPS)
+    train_alignkd.main(["--output-dir", str(one), *argv[2:-2], "--resume", "--grad-accum", "2"])
+    _assert_same_run(one, one_process, STEPS)
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (["--optim", "adamw8bit"], "--optim adamw8bit: bitsandbytes' 8-bit AdamW cannot step FSDP2's DTensor shards"),
+    (["--lora-r", "4"], "--lora-r"),
+    (["--probe-grads", "1"], "--probe-grads"),
+])
+def test_fsdp_refuses_what_a_sharded_student_cannot_do_before_loading_anything(flags, refused, tmp_path):
+    with pytest.raises(SystemExit, match=f"--shard fsdp does not take {refused}"):
+        train_alignkd.main(["--output-dir", str(tmp_path / "run"), "--data", "d.json", "--image-folder", ".",
+                            "--student", ".", "--teacher", ".", "--shard", "fsdp", *flags])
+    assert not (tmp_path / "run").exists()
+
+
+def _cache_tensors(folder: Path) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
+    """Each safetensors file of a teacher cache: (metadata, tensors)."""
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out[str(path.relative_to(folder))] = (f.metadata(), {k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def test_teacher_cache_built_by_two_ranks_is_the_one_process_build_and_trains_the_same(root, one_process, tmp_path):
+    """Shards of 8 samples: 12 shards, 6 built by each rank. Same files, tensors, metadata, manifest and index as one
+    process's build (the bytes differ only in the order safetensors writes a header's metadata keys, which varies
+    between processes), and a 2-rank run from it is the 1-process run from the 1-process build."""
+    argv = [*tiny_args(root, STEPS), *FAST, "--cache-shard-size", "8"]
+    output = _run2(["--output-dir", str(tmp_path / "two"), *argv, "--cache-teacher", str(tmp_path / "cache2")])
+    assert "6 shards of rank 0; each of 2 ranks builds its own" in output, output[-4000:]
+    train_alignkd.main(["--output-dir", str(tmp_path / "one"), *argv, "--grad-accum", "2",
+                        "--cache-teacher", str(tmp_path / "cache1")])
+    c1, c2 = tmp_path / "cache1", tmp_path / "cache2"
+    assert sorted(p.relative_to(c1) for p in c1.rglob("*")) == sorted(p.relative_to(c2) for p in c2.rglob("*"))
+    for name in ("manifest.json", "index.json"):
+        assert (c1 / name).read_text() == (c2 / name).read_text()
+    t1, t2 = _cache_tensors(c1), _cache_tensors(c2)
+    assert t1.keys() == t2.keys() and len(t1) == 13  # lm_head + 12 shards
+    for name, (meta, tensors) in t1.items():
+        assert meta == t2[name][0] and tensors.keys() == t2[name][1].keys(), name
+        for k, t in tensors.items():
+            assert torch.equal(t, t2[name][1][k]), (name, k)
+    _assert_same_run(tmp_path / "one", tmp_path / "two", STEPS)
 
 
 def _ranks_of(pid: int) -> list[int]:

@@ -442,12 +442,21 @@ def _sample_record(t, side: KDSide, b: int, kv_groups: int, fields: Collection[s
     return {"meta": meta, "tensors": tensors}
 
 
+def _sync(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
 @torch.no_grad()
 def build_cache(folder: str | Path, teacher, dataset, manifest: dict[str, Any], batch_size: int,
-                num_workers: int = 0, pad_id: int = 0) -> None:
+                num_workers: int = 0, pad_id: int = 0, rank: int = 0, world: int = 1) -> None:
     """Run the teacher (a MobileVLM with q/k capture) over every sample whose shard is missing and write the shards;
     then index.json. Resumable: finished shards are kept. Uses its own RNG for the loader (the caller's global RNG
-    state is not consumed)."""
+    state is not consumed). Under torchrun every rank calls it: rank r builds the missing shards r, r + N, ...
+    (a shard's content does not depend on who builds it), rank 0 sets DIR up first and writes index.json last, and
+    it returns on every rank once the cache is complete."""
+    if rank:
+        _sync(world)  # rank 0 sets DIR up alone first (below)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cached = read_manifest(folder)
@@ -463,20 +472,24 @@ def build_cache(folder: str | Path, teacher, dataset, manifest: dict[str, Any], 
         _save_safetensors(folder / "lm_head.safetensors",
                           {"weight": teacher.lm_head.weight.detach().to("cpu").clone().contiguous()},
                           {"format": FORMAT, "version": str(VERSION)})
+    if not rank:
+        _sync(world)
+    _sync(world)  # every rank has removed its leftovers above: from here on none removes another's files
     n, size = cached["num_samples"], cached["shard_size"]
-    todo = missing_shards(folder, cached)
+    todo = [s for s in missing_shards(folder, cached) if s % world == rank]  # this rank's shards
     indices = [i for s in todo for i in range(s * size, min((s + 1) * size, n))]
     want = {s: min((s + 1) * size, n) - s * size for s in todo}
     kv_groups = teacher.num_heads // cached["shapes"]["kv_heads"]
     if indices:
-        log.info(f"teacher cache {folder}: {len(indices):,} of {n:,} samples to compute ({len(todo)} shards)")
+        log.info(f"teacher cache {folder}: {len(indices):,} of {n:,} samples to compute ({len(todo)} shards"
+                 + (f" of rank {rank}; each of {world} ranks builds its own)" if world > 1 else ")"))
         loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_size=batch_size, sampler=indices,
                                              collate_fn=IndexedCollator(pad_id), num_workers=num_workers,
                                              generator=torch.Generator().manual_seed(0),
                                              worker_init_fn=ignore_stop_signals)  # see data/workers.py
         pending: dict[int, dict[int, dict]] = {}
         dtype = teacher.lm_head.weight.dtype
-        with tqdm(total=n, initial=n - len(indices), desc="teacher cache", dynamic_ncols=True) as pbar, \
+        with tqdm(total=len(indices), desc="teacher cache", dynamic_ncols=True, disable=rank > 0) as pbar, \
                 contextlib.closing(iterate_loader(loader)) as batches:  # closed: its workers end with it
             for batch in batches:
                 for i, reason in batch["skipped_index"].items():
@@ -498,7 +511,10 @@ def build_cache(folder: str | Path, teacher, dataset, manifest: dict[str, Any], 
                 pbar.update(len(batch["index"]) + len(batch["skipped_index"]))
         if pending:
             raise RuntimeError(f"teacher cache build ended with unfinished shards {sorted(pending)}")
-    _write_index(folder, cached)
+    _sync(world)  # every shard is written
+    if not rank:
+        _write_index(folder, cached)
+    _sync(world)
 
 
 def _write_index(folder: Path, manifest: dict[str, Any]) -> None:

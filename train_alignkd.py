@@ -162,8 +162,9 @@ class Ranks:
 
 
 def check_fsdp(args: argparse.Namespace) -> None:
-    """--shard fsdp: refuse, before anything is loaded, what cannot work with the student's weights in shards."""
-    if args.shard != "fsdp":
+    """--shard fsdp under torchrun: refuse, before anything is loaded, what cannot work with the student's weights in
+    shards."""
+    if args.shard != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return
     refused = {
         "--optim adamw8bit": (args.optim == "adamw8bit", "bitsandbytes' 8-bit AdamW cannot step FSDP2's DTensor "
@@ -733,6 +734,9 @@ def main(argv: list[str] | None = None) -> dict:
     ranks = init_distributed(args)
     if not ranks.main:  # rank 0 speaks for all
         logging.getLogger().setLevel(logging.WARNING)
+    if ranks.world == 1 and args.shard == "fsdp":
+        log.info("--shard fsdp: one process has nothing to shard; the student trains whole, as without the flag")
+        args.shard = "ddp"
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -149,11 +149,17 @@ def test_fsdp_stopped_half_way_and_resumed_equals_an_uninterrupted_run(fsdp_two_
     (["--lora-r", "4"], "--lora-r"),
     (["--probe-grads", "1"], "--probe-grads"),
 ])
-def test_fsdp_refuses_what_a_sharded_student_cannot_do_before_loading_anything(flags, refused, tmp_path):
+def test_fsdp_refuses_what_a_sharded_student_cannot_do_before_loading_anything(flags, refused, tmp_path,
+                                                                                monkeypatch):
+    argv = ["--output-dir", str(tmp_path / "run"), "--data", "d.json", "--image-folder", ".", "--student", ".",
+            "--teacher", ".", "--shard", "fsdp", *flags]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the refusal comes before the process group
     with pytest.raises(SystemExit, match=f"--shard fsdp does not take {refused}"):
-        train_alignkd.main(["--output-dir", str(tmp_path / "run"), "--data", "d.json", "--image-folder", ".",
-                            "--student", ".", "--teacher", ".", "--shard", "fsdp", *flags])
+        train_alignkd.main(argv)
     assert not (tmp_path / "run").exists()
+    monkeypatch.delenv("WORLD_SIZE")  # one process: nothing is sharded nor refused for it (it fails later, at the
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model"):  # student folder's missing tokenizer)
+        train_alignkd.main(argv)
 
 
 def _cache_tensors(folder: Path) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:

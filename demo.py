@@ -64,10 +64,10 @@ def _tokens(tower, scenes: list[list[dict]]) -> torch.Tensor:
     return f.view(b, 12, 2, 12, 2, c).mean((2, 4)).reshape(b, 144, c)
 
 
-def train_vision_tower(model: MobileVLM, steps: int, batch: int, lr: float, seed: int = 0) -> float:
+def train_vision_tower(model: MobileVLM, steps: int, batch: int, lr: float, seed: int = 0) -> tuple[float, float]:
     """Train the CLIP so that every image token tells the object it holds (shape and colour, or none) and which grid
-    cell it lies in (two linear heads), on fresh scenes; returns the object accuracy on the object tokens of 64 new
-    scenes. The CLIP is frozen again afterwards."""
+    cell it lies in (two linear heads), on fresh scenes; returns the heads' accuracies on 64 new scenes: the object,
+    on the object tokens, and the cell, on every token. The CLIP is frozen again afterwards."""
     tower = model.vision_tower
     tower.set_trainable(True)
     tower.train()
@@ -95,8 +95,10 @@ def train_vision_tower(model: MobileVLM, steps: int, batch: int, lr: float, seed
     scenes = [_scene(fresh) for _ in range(64)]
     with torch.no_grad():
         labels = torch.tensor([token_labels(s) for s in scenes]).flatten()
-        predicted = head(_tokens(tower, scenes).flatten(0, 1)).argmax(-1)
-    return float((predicted == labels)[labels > 0].float().mean())
+        tokens = _tokens(tower, scenes).flatten(0, 1)
+        predicted, cell = head(tokens).argmax(-1), where(tokens).argmax(-1)
+    return (float((predicted == labels)[labels > 0].float().mean()),
+            float((cell == token_cell.repeat(len(scenes))).float().mean()))
 
 
 def prepare_assets(root: Path) -> dict[str, Path]:
@@ -124,8 +126,9 @@ def train_teacher(root: Path, tok_dir: Path, world: Path, teacher_dir: Path) -> 
     init = MobileVLM.tiny(seed=1, vocab_size=vocab, **TEACHER, **VISION)
     steps, batch, lr = VISION_STAGE
     log.info(f"teacher, stage 1: training its CLIP to name the object in each image token ({steps} steps)")
-    acc = train_vision_tower(init, steps, batch, lr)
-    log.info(f"teacher, stage 1: object tokens of new scenes named right: {acc:.3f} ({time.time() - t0:.0f} s)")
+    acc, cell = train_vision_tower(init, steps, batch, lr)
+    log.info(f"teacher, stage 1: on new scenes, object tokens named right: {acc:.3f}; tokens placed in their grid cell: "
+             f"{cell:.3f} ({time.time() - t0:.0f} s)")
     init.save_pretrained(root / "teacher_init", tokenizer_dir=tok_dir)
     common = ["--image-folder", str(world), "--no-distill", "--max-len", "512", "--keep", "1", "--no-checkpointing",
               "--seed", "1", "--num-workers", "1", "--overwrite"]

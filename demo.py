@@ -48,6 +48,10 @@ STUDENT_STAGE = (150, 8, 3e-3)
 DEMO_DISTILL_FLAGS: list[str] = []  # the trainer's defaults (logit KD + attention KL + text-focused projector KD)
 
 
+# the grid cell (0-8) of each image token, 12 x 12 in raster order: a cell is 4 x 4 tokens
+TOKEN_CELL = (torch.arange(12)[:, None] // 4 * 3 + torch.arange(12)[None, :] // 4).flatten()
+
+
 def token_labels(scene: list[dict]) -> list[int]:
     """Per image token (12 x 12, raster order): 0 where there is no object, else 1 + colour * 3 + shape."""
     labels = [0] * 144
@@ -78,14 +82,13 @@ def train_vision_tower(model: MobileVLM, steps: int, batch: int, lr: float, seed
     opt = torch.optim.AdamW([*tower.parameters(), *head.parameters(), *where.parameters()], lr=lr)
     schedule = get_cosine_schedule_with_warmup(opt, steps // 10, steps)
     rng = random.Random(seed)
-    token_cell = (torch.arange(12)[:, None] // 4 * 3 + torch.arange(12)[None, :] // 4).flatten()  # [144]
     for _ in range(steps):
         scenes = [_scene(rng) for _ in range(batch)]
         labels = torch.tensor([token_labels(s) for s in scenes]).flatten()
         tokens = _tokens(tower, scenes).flatten(0, 1)
         ce = F.cross_entropy(head(tokens), labels, reduction="none")
         has_object = labels > 0  # ~12 tokens in 144: weighed as much as the empty ones, or they are never learned
-        loss = ce[has_object].mean() + ce[~has_object].mean() + F.cross_entropy(where(tokens), token_cell.repeat(batch))
+        loss = ce[has_object].mean() + ce[~has_object].mean() + F.cross_entropy(where(tokens), TOKEN_CELL.repeat(batch))
         loss.backward()
         opt.step()
         schedule.step()
@@ -98,7 +101,7 @@ def train_vision_tower(model: MobileVLM, steps: int, batch: int, lr: float, seed
         tokens = _tokens(tower, scenes).flatten(0, 1)
         predicted, cell = head(tokens).argmax(-1), where(tokens).argmax(-1)
     return (float((predicted == labels)[labels > 0].float().mean()),
-            float((cell == token_cell.repeat(len(scenes))).float().mean()))
+            float((cell == TOKEN_CELL.repeat(len(scenes))).float().mean()))
 
 
 def prepare_assets(root: Path) -> dict[str, Path]:
@@ -127,8 +130,8 @@ def train_teacher(root: Path, tok_dir: Path, world: Path, teacher_dir: Path) -> 
     steps, batch, lr = VISION_STAGE
     log.info(f"teacher, stage 1: training its CLIP to name the object in each image token ({steps} steps)")
     acc, cell = train_vision_tower(init, steps, batch, lr)
-    log.info(f"teacher, stage 1: on new scenes, object tokens named right: {acc:.3f}; tokens placed in their grid cell: "
-             f"{cell:.3f} ({time.time() - t0:.0f} s)")
+    log.info(f"teacher, stage 1: on new scenes, object tokens named right: {acc:.3f}; tokens placed in their grid "
+             f"cell: {cell:.3f} ({time.time() - t0:.0f} s)")
     init.save_pretrained(root / "teacher_init", tokenizer_dir=tok_dir)
     common = ["--image-folder", str(world), "--no-distill", "--max-len", "512", "--keep", "1", "--no-checkpointing",
               "--seed", "1", "--num-workers", "1", "--overwrite"]

@@ -25,10 +25,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from data.world import _scene  # noqa: E402
-from demo import _tokens, token_labels  # noqa: E402
+from demo import TOKEN_CELL, _tokens, token_labels  # noqa: E402
 from model import MobileVLM  # noqa: E402
-
-TOKEN_CELL = (torch.arange(12)[:, None] // 4 * 3 + torch.arange(12)[None, :] // 4).flatten()  # [144]
 
 
 def features(tower, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -161,10 +161,19 @@ class Ranks:
         return self.rank == 0
 
 
-def check_fsdp(args: argparse.Namespace) -> None:
-    """--shard fsdp under torchrun: refuse, before anything is loaded, what cannot work with the student's weights in
-    shards."""
-    if args.shard != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+def launched_processes() -> int:
+    """How many processes torchrun started for this run (1 for a plain `python train_alignkd.py`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_shard(args: argparse.Namespace) -> None:
+    """--shard fsdp: in one process there is nothing to shard (the flag is dropped, saying so); under torchrun,
+    refuse, before anything is loaded, what cannot work with the student's weights in shards."""
+    if args.shard != "fsdp":
+        return
+    if launched_processes() == 1:
+        log.info("--shard fsdp: one process has nothing to shard; the student trains whole, as without the flag")
+        args.shard = "ddp"
         return
     refused = {
         "--optim adamw8bit": (args.optim == "adamw8bit", "bitsandbytes' 8-bit AdamW cannot step FSDP2's DTensor "
@@ -185,7 +194,7 @@ def check_fsdp(args: argparse.Namespace) -> None:
 def init_distributed(args: argparse.Namespace) -> Ranks:
     """Under torchrun with more than one process: a process group, nccl on CUDA (each rank on its LOCAL_RANK's
     GPU), gloo on CPU. A plain run, or torchrun with one process, stays single-process: no group, nothing reduced."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_processes()
     if world == 1:
         return Ranks()
     if args.device.startswith("cuda"):
@@ -722,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: {what} folder {folder} does not exist")
     if args.eval_data and not Path(args.eval_data).is_file():
         raise SystemExit(f"error: --eval-data {args.eval_data} does not exist")
-    check_fsdp(args)
+    check_shard(args)
     out = Path(args.output_dir)
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume continues the run in OUTPUT_DIR, --overwrite deletes it: give one")
@@ -734,9 +743,6 @@ def main(argv: list[str] | None = None) -> dict:
     ranks = init_distributed(args)
     if not ranks.main:  # rank 0 speaks for all
         logging.getLogger().setLevel(logging.WARNING)
-    if ranks.world == 1 and args.shard == "fsdp":
-        log.info("--shard fsdp: one process has nothing to shard; the student trains whole, as without the flag")
-        args.shard = "ddp"
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
